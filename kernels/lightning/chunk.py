@@ -1,0 +1,395 @@
+"""Chunked Lightning Attention in Triton: forward and backward (see ``naive.py`` for the math).
+
+Layout. Tokens of all sequences are handled as one packed stream ``[tokens, H, D]``: a plain
+batch ``[B, T]`` is the packed stream with ``cu_seqlens = [0, T, 2T, ...]``. Each sequence is cut
+into *blocks* of ``BT`` tokens, each block into ``R`` *chunks* of ``BC`` tokens (``BT = R * BC``).
+
+Forward, two passes:
+  1. ``_scan_kernel``: one program per (sequence, head, state tile) walks its sequence and writes
+     the fp32 state at every block start (the *checkpoints*) and the final state.
+  2. ``_fwd_kernel``: one program per (block, head, value tile) starts from the block's
+     checkpoint and walks the block chunk by chunk: exact intra-chunk attention with the decay
+     matrix ``a^(i-j)`` plus the inter-chunk term ``a^(i+1) q S``, carrying S in registers.
+
+Backward, the mirror image: the gradient of the state, G_t = dL/dS_t, obeys the same recurrence
+in reverse time, ``G_{t-1} = a G_t + scale q_t^T do_t``. So
+  1. ``_scan_kernel`` with REVERSE=True on (q, do) writes G at every block *end* and dh0.
+  2. ``_bwd_kernel`` runs, for each block, three instances of the same block walk:
+        dq = walk(q'=do, k'=v, v'=k, state S^T)            forward in time
+        dk = walk(q'=v,  k'=do, v'=q, state G^T)           backward in time
+        dv = walk(q'=k,  k'=q,  v'=do, state G)            backward in time
+     as neighbouring programs of one launch, so q, k, v, do of a block are read from HBM about
+     once and served to the other two from L2.
+
+The decay is a per-head constant a = exp(-slope), so every decay factor is ``a^e = exp2(-m2 e)``
+with e >= 0 computed from positions: nothing cumulative is loaded, and no factor can overflow.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here, so tests can poison them (fill with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _pow_a(m2, e):
+    """a^e for a = exp(-slope), m2 = slope * log2(e)."""
+    return tl.exp2(-m2 * e.to(tl.float32))
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b on the tensor cores, fp32 accumulation (acc may be None). PREC "interpret"
+    upcasts the operands: the Triton interpreter multiplies bf16 wrongly (numpy has no bf16),
+    and the upcast is exact."""
+    if PREC == "interpret":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _decay_weights(m2, j, n, REVERSE: tl.constexpr, TO_END: tl.constexpr):
+    """Per-row decay of a chunk of n valid rows (zero on rows >= n).
+
+    TO_END: a^(n-1-j), the distance from row j to the chunk's last row; else a^(j+1), the
+    distance from the state before the chunk. Time reversal swaps the two."""
+    if TO_END != REVERSE:
+        e = n - 1 - j
+    else:
+        e = j + 1
+    return tl.where(j < n, _pow_a(m2, tl.maximum(e, 0)), 0.0)
+
+
+@triton.jit
+def _scan_kernel(k_ptr, v_ptr, h0_ptr, ckpt_ptr, ht_ptr, slopes_ptr, cu_ptr, boff_ptr,
+                 upd_scale, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 BT: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, REVERSE: tl.constexpr,
+                 PREC: tl.constexpr):
+    """state <- a^n state + upd_scale * sum_j w_j k_j^T v_j over the sequence, SC tokens a step.
+
+    Forward it stores the state at each block start; REVERSE walks from the end and stores it at
+    each block end (the gradient flowing into the block from later tokens)."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    boff = tl.load(boff_ptr + i_n).to(tl.int64)
+    m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
+
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    s_off = o_k[:, None] * DV + o_v[None, :]
+    s_mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    if HAS_H0:
+        state = tl.load(h0_ptr + i_nh.to(tl.int64) * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros([BK, BV], dtype=tl.float32)
+
+    j = tl.arange(0, SC)
+    P: tl.constexpr = BT // SC
+    nb = tl.cdiv(eos - bos, BT)
+    # One flat loop over (block, step), so that the loads pipeline across blocks.
+    for it in range(0, nb * P):
+        blk = it // P
+        if REVERSE:
+            b = nb - 1 - blk
+            t0 = bos + b * BT + (P - 1 - it % P) * SC
+        else:
+            b = blk
+            t0 = bos + b * BT + (it % P) * SC
+        if it % P == 0:
+            tl.store(ckpt_ptr + ((boff + b) * H + i_h) * DK * DV + s_off, state, mask=s_mask)
+        n = tl.minimum(tl.maximum(eos - t0, 0), SC)
+        rows = t0 + j
+        kk = tl.load(k_ptr + rows[:, None] * (H * DK) + i_h * DK + o_k[None, :],
+                     mask=(j[:, None] < n) & (o_k[None, :] < DK), other=0.0)
+        vv = tl.load(v_ptr + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
+                     mask=(j[:, None] < n) & (o_v[None, :] < DV), other=0.0)
+        # Decay (and scale) v rather than k: k^T then feeds the tensor cores straight from shared memory.
+        vw = (vv * (upd_scale * _decay_weights(m2, j, n, REVERSE, True))[:, None]).to(vv.dtype)
+        state = _dot(tl.trans(kk), vw, state * _pow_a(m2, n), PREC)
+    if STORE_HT:
+        tl.store(ht_ptr + i_nh.to(tl.int64) * DK * DV + s_off, state, mask=s_mask)
+
+
+@triton.jit
+def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
+                t_blk, eos, i_v, m2, intra_scale, inter_scale, upd_scale,
+                stride_qk: tl.constexpr, stride_vo: tl.constexpr, DKEY: tl.constexpr, DVAL: tl.constexpr,
+                BC: tl.constexpr, R: tl.constexpr, BKEY: tl.constexpr, BV: tl.constexpr,
+                REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """One block of one head: out = intra_scale * (scores * W) v' + inter_scale * a^e q' S.
+
+    q'/k' are [tokens, DKEY] rows (stride stride_qk), v'/out [tokens, DVAL] (stride stride_vo),
+    already offset to the head; this program owns value columns [i_v*BV, (i_v+1)*BV). The state
+    tile [DKEY, BV] is read from s_ptr with the given strides (so S or S^T) and carried across
+    the R chunks, forward in time or, with REVERSE, backward."""
+    i = tl.arange(0, BC)
+    o_k = tl.arange(0, BKEY)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk = o_k < DKEY
+    mv = o_v < DVAL
+    state = tl.load(s_ptr + o_k[:, None] * s_stride_key + o_v[None, :] * s_stride_val,
+                    mask=mk[:, None] & mv[None, :], other=0.0)
+    # The decay matrix is the same for every chunk of a head: a^(i-j) on the causal side.
+    if REVERSE:
+        diff = i[None, :] - i[:, None]
+    else:
+        diff = i[:, None] - i[None, :]
+    W = tl.where(diff >= 0, _pow_a(m2, tl.maximum(diff, 0)), 0.0)
+
+    for r in range(R):
+        if REVERSE:
+            t0 = t_blk + (R - 1 - r) * BC
+        else:
+            t0 = t_blk + r * BC
+        n = tl.minimum(tl.maximum(eos - t0, 0), BC)
+        rows = t0 + i
+        rmask = i < n
+        qk_mask = rmask[:, None] & mk[None, :]
+        vo_mask = rmask[:, None] & mv[None, :]
+        qq = tl.load(q_ptr + rows[:, None] * stride_qk + o_k[None, :], mask=qk_mask, other=0.0)
+        kk = tl.load(k_ptr + rows[:, None] * stride_qk + o_k[None, :], mask=qk_mask, other=0.0)
+        vv = tl.load(v_ptr + rows[:, None] * stride_vo + o_v[None, :], mask=vo_mask, other=0.0)
+
+        scores = _dot(qq, tl.trans(kk), None, PREC) * (W * intra_scale)
+        # One accumulator: the row-decayed inter-chunk term, then the intra-chunk product on top.
+        out = _dot(qq, state.to(qq.dtype), None, PREC)
+        out *= (inter_scale * _decay_weights(m2, i, n, REVERSE, False))[:, None]
+        out = _dot(scores.to(vv.dtype), vv, out, PREC)
+        tl.store(o_ptr + rows[:, None] * stride_vo + o_v[None, :], out.to(o_ptr.dtype.element_ty), mask=vo_mask)
+
+        vw = (vv * (upd_scale * _decay_weights(m2, i, n, REVERSE, True))[:, None]).to(vv.dtype)
+        state = _dot(tl.trans(kk), vw, state * _pow_a(m2, n), PREC)
+
+
+@triton.jit
+def _block_coords(cu_ptr, btab_ptr, i_b, BT: tl.constexpr):
+    """(first token of block i_b, end of its sequence) from the block table."""
+    i_n = tl.load(btab_ptr + 2 * i_b)
+    b = tl.load(btab_ptr + 2 * i_b + 1).to(tl.int64)
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    return bos + b * BT, eos
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ckpt_ptr, slopes_ptr, cu_ptr, btab_ptr, scale,
+                H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    i_v, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_blk, eos = _block_coords(cu_ptr, btab_ptr, i_b, BC * R)
+    m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    s_ptr = ckpt_ptr + (i_b.to(tl.int64) * H + i_h) * DK * DV
+    _block_walk(q_ptr + i_h * DK, k_ptr + i_h * DK, v_ptr + i_h * DV, o_ptr + i_h * DV, s_ptr, DV, 1,
+                t_blk, eos, i_v, m2, scale, scale, 1.0, H * DK, H * DV, DK, DV,
+                BC, R, BK, BV, False, PREC)
+
+
+@triton.jit
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr, g_ckpt_ptr,
+                slopes_ptr, cu_ptr, btab_ptr, scale,
+                H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, NTK: tl.constexpr,
+                BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                BVK: tl.constexpr, BVV: tl.constexpr, PREC: tl.constexpr):
+    """Program axis 0 picks the role: NTK dq tiles, NTK dk tiles, then the dv tiles (BVK / BVV
+    wide). S is the forward state at the block start, G the state gradient at its end."""
+    pid, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t_blk, eos = _block_coords(cu_ptr, btab_ptr, i_b, BC * R)
+    m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    st_off = (i_b.to(tl.int64) * H + i_h) * DK * DV
+    q_ptr += i_h * DK
+    k_ptr += i_h * DK
+    v_ptr += i_h * DV
+    do_ptr += i_h * DV
+    if pid < NTK:
+        _block_walk(do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off, 1, DV,
+                    t_blk, eos, pid, m2, scale, scale, 1.0, H * DV, H * DK, DV, DK,
+                    BC, R, BV, BVK, False, PREC)
+    elif pid < 2 * NTK:
+        _block_walk(v_ptr, do_ptr, q_ptr, dk_ptr + i_h * DK, g_ckpt_ptr + st_off, 1, DV,
+                    t_blk, eos, pid - NTK, m2, scale, 1.0, scale, H * DV, H * DK, DV, DK,
+                    BC, R, BV, BVK, True, PREC)
+    else:
+        _block_walk(k_ptr, q_ptr, do_ptr, dv_ptr + i_h * DV, g_ckpt_ptr + st_off, DV, 1,
+                    t_blk, eos, pid - 2 * NTK, m2, scale, 1.0, scale, H * DK, H * DV, DK, DV,
+                    BC, R, BK, BVV, True, PREC)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+
+
+class _Plan:
+    """Sequence boundaries and the block table for one call (shared by forward and backward)."""
+
+    def __init__(self, B, T, cu_seqlens, device, block_size):
+        if cu_seqlens is None:
+            lengths = [T] * B
+        else:
+            bounds = [int(x) for x in cu_seqlens.tolist()]
+            lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        self.N = len(lengths)
+        self.BT = block_size
+        nbs = [triton.cdiv(n, block_size) for n in lengths]
+        self.n_blocks = sum(nbs)
+        boff = [0]
+        for nb in nbs[:-1]:
+            boff.append(boff[-1] + nb)
+        table = [(n, b) for n, nb in enumerate(nbs) for b in range(nb)]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        self.cu = torch.tensor(starts, dtype=torch.int64).to(device)
+        self.boff = torch.tensor(boff, dtype=torch.int64).to(device)
+        self.btab = torch.tensor(table or [(0, 0)], dtype=torch.int32).reshape(-1, 2).to(device)
+
+
+def _pow2(n):
+    return max(16, triton.next_power_of_2(n))
+
+
+def _prec(x):
+    if not x.is_cuda:
+        return "interpret"
+    # fp32 inputs: three tf32 products per dot give ~fp32 accuracy on tensor cores.
+    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _default_config(n_tokens, H, device):
+    """Chunk 64; the block (checkpoint interval) as long as still gives ~8 programs per SM: long
+    blocks mean fewer fp32 checkpoints to write and read, short ones more parallel programs."""
+    bc = 64
+    r = 16
+    while r > 4 and (n_tokens // (bc * r)) * H < 8 * _num_sms(device):
+        r //= 2
+    return dict(chunk_size=bc, block_chunks=r, scan_chunk=128, scan_tile=64, value_tile=64,
+                num_warps=4, num_stages=2, scan_warps=4)
+
+
+def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
+    """Run the state scan: returns (checkpoints [n_blocks, H, DK, DV] fp32, final or None)."""
+    _, H, DK = k.shape
+    DV = v.shape[-1]
+    ckpt = _empty((max(plan.n_blocks, 1), H, DK, DV), torch.float32, k.device)
+    ht = _empty((plan.N, H, DK, DV), torch.float32, k.device) if want_final else None
+    sc = min(cfg["scan_chunk"], plan.BT)
+    bk = min(_pow2(DK), cfg["scan_tile"])
+    bv = min(_pow2(DV), cfg["scan_tile"])
+    grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), plan.N * H)
+    _scan_kernel[grid](
+        k, v, h0 if h0 is not None else ckpt, ckpt, ht if want_final else ckpt, slopes, plan.cu, plan.boff,
+        upd_scale, H, DK, DV,
+        BT=plan.BT, SC=sc, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=want_final, REVERSE=reverse,
+        PREC=_prec(k), num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"],
+    )
+    return ckpt, ht
+
+
+def _forward(q, k, v, slopes, scale, h0, want_final, plan, cfg):
+    """q, k [tokens, H, DK], v [tokens, H, DV] contiguous -> (o, final state, checkpoints)."""
+    _, H, DK = q.shape
+    DV = v.shape[-1]
+    ckpt, ht = _scan(k, v, slopes, h0, 1.0, plan, cfg, reverse=False, want_final=want_final)
+    o = _empty(v.shape, v.dtype, v.device)
+    if plan.n_blocks:
+        bv = min(_pow2(DV), cfg["value_tile"])
+        _fwd_kernel[(triton.cdiv(DV, bv), plan.n_blocks, H)](
+            q, k, v, o, ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV,
+            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=bv, PREC=_prec(q),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return o, ht, ckpt
+
+
+def _backward(q, k, v, do, dht, slopes, scale, s_ckpt, plan, cfg, want_dh0):
+    _, H, DK = q.shape
+    DV = v.shape[-1]
+    g_ckpt, dh0 = _scan(q, do, slopes, dht, scale, plan, cfg, reverse=True, want_final=want_dh0)
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, k.device)
+    dv = _empty(v.shape, v.dtype, v.device)
+    if plan.n_blocks:
+        bvk = min(_pow2(DK), cfg["value_tile"])
+        bvv = min(_pow2(DV), cfg["value_tile"])
+        ntk = triton.cdiv(DK, bvk)
+        _bwd_kernel[(2 * ntk + triton.cdiv(DV, bvv), plan.n_blocks, H)](
+            q, k, v, do, dq, dk, dv, s_ckpt, g_ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV, ntk,
+            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=_pow2(DV), BVK=bvk, BVV=bvv,
+            PREC=_prec(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return dq, dk, dv, dh0
+
+
+class _ChunkLightningFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, slopes, scale, h0, want_final, plan, cfg):
+        shape_q, shape_v = q.shape, v.shape
+        H = q.shape[2]
+        q, k, v = (x.reshape(-1, H, x.shape[-1]).contiguous() for x in (q, k, v))
+        h0c = None if h0 is None else h0.float().contiguous()
+        o, ht, ckpt = _forward(q, k, v, slopes, scale, h0c, want_final, plan, cfg)
+        ctx.save_for_backward(q, k, v, slopes, ckpt)
+        ctx.meta = (scale, plan, cfg, shape_q, shape_v, h0 is not None)
+        return o.reshape(shape_v), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, slopes, ckpt = ctx.saved_tensors
+        scale, plan, cfg, shape_q, shape_v, has_h0 = ctx.meta
+        H = q.shape[1]
+        do = do.reshape(-1, H, shape_v[-1]).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        want_dh0 = has_h0 and ctx.needs_input_grad[5]
+        dq, dk, dv, dh0 = _backward(q, k, v, do, dht, slopes, scale, ckpt, plan, cfg, want_dh0)
+        return (dq.reshape(shape_q), dk.reshape(shape_q), dv.reshape(shape_v), None, None, dh0,
+                None, None, None)
+
+
+def chunk_lightning_attention(q, k, v, slopes, scale=None, initial_state=None, output_final_state=False,
+                              cu_seqlens=None, **config):
+    """Lightning Attention with Triton kernels; differentiable in q, k, v and initial_state.
+
+    Shapes as in ``naive.py``. ``config`` overrides the tuning knobs of ``_default_config``
+    (e.g. ``chunk_size=16, block_chunks=3`` in tests). Runs on CUDA tensors, or on CPU tensors
+    when this module was imported with TRITON_INTERPRET=1."""
+    B, T, H, DK = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be [B, T, H, Dk] and v [B, T, H, Dv]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if slopes.shape != (H,):
+        raise ValueError(f"slopes must have shape [{H}]; got {tuple(slopes.shape)}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens needs a packed batch with B == 1; got B = {B}")
+    n_seq = B if cu_seqlens is None else len(cu_seqlens) - 1
+    DV = v.shape[-1]
+    if initial_state is not None and initial_state.shape != (n_seq, H, DK, DV):
+        raise ValueError(f"initial_state must be [{n_seq}, {H}, {DK}, {DV}]; got {tuple(initial_state.shape)}")
+    scale = DK**-0.5 if scale is None else float(scale)
+    cfg = _default_config(B * T, H, q.device)
+    unknown = set(config) - set(cfg)
+    if unknown:
+        raise TypeError(f"unknown config keys {sorted(unknown)}")
+    cfg.update(config)
+    plan = _Plan(B, T, cu_seqlens, q.device, cfg["chunk_size"] * cfg["block_chunks"])
+    slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    return _ChunkLightningFunction.apply(q, k, v, slopes, scale, initial_state, output_final_state, plan, cfg)

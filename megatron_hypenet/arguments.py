@@ -1,0 +1,122 @@
+"""Megatron-LM style command-line flags for pretrain_hypenet.py (and `--config file.yaml`)."""
+
+import argparse
+import os
+from typing import List, Optional
+
+import yaml
+
+STAGES = ("pretrain", "align", "select", "distill", "finetune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="HALO distillation of a Qwen3 teacher into a HypeNet hybrid (megatron-core).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", help="YAML file of flags (keys as flag names with underscores); CLI flags win")
+    g = p.add_argument_group("stage and checkpoints")
+    g.add_argument("--stage", choices=STAGES, default="distill")
+    g.add_argument("--load", help="checkpoint to start from (teacher for pretrain/align, align output for distill, ...)")
+    g.add_argument("--teacher", help="frozen teacher checkpoint (align, select, distill)")
+    g.add_argument("--save", help="where checkpoints, metrics.jsonl, config.yaml and TensorBoard logs go")
+    g.add_argument("--save-interval", type=int, default=0, help="save every N iterations (0: only at the end)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep in --save")
+    g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
+    g.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --save")
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="indexed dataset prefix(es) made by tools/preprocess_data.py")
+    g.add_argument("--split", default="98,2,0")
+    g.add_argument("--tokenizer", help="HF tokenizer folder (default: the one stored with the checkpoint)")
+    g.add_argument("--seq-length", type=int, default=512)
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel size")
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=None, help="default: lr / 10")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=("wsd", "cosine", "linear", "constant"), default="wsd")
+    g.add_argument("--lr-wsd-decay-fraction", type=float, default=0.2, help="WSD: share of iterations spent decaying")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 master weights); teacher kept in bf16")
+    g.add_argument("--loss-chunk-size", type=int, default=1024, help="tokens per chunk of the LM head / KL")
+    g.add_argument("--nan-policy", choices=("skip", "stop"), default="skip", help="on a NaN/Inf loss")
+    g.add_argument("--max-skipped-iters", type=int, default=10, help="stop after this many consecutive bad steps")
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g = p.add_argument_group("HypeNet student")
+    g.add_argument("--layer-pattern", help="'A'/'L' per layer, or a file holding it (the select stage writes one)")
+    g.add_argument("--num-attention-layers", type=int, default=None, help="select: layers kept as attention")
+    g.add_argument("--attention-rope", action="store_true", help="RoPE in attention layers (ablation; HyPE: off)")
+    g.add_argument("--attention-query-scale-base", type=float, default=256.0, help="HyPE a; <= 0 disables")
+    g.add_argument("--no-lightning-rope", action="store_true")
+    g.add_argument("--no-lightning-output-gate", action="store_true")
+    g.add_argument("--no-lightning-output-norm", action="store_true")
+    g.add_argument("--no-lightning-qk-norm", action="store_true")
+    g.add_argument("--lightning-short-conv", action="store_true")
+    g.add_argument("--lightning-scale", choices=("sqrt", "linear", "none"), default="sqrt")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--select-lengths", type=int, nargs="+", default=None, help="select: retrieval lengths (default: seq/2, seq)")
+    g.add_argument("--select-examples", type=int, default=16, help="select: retrieval examples per task and length")
+    g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
+    g.add_argument("--wandb-project", default=None, help="log to wandb (offline unless --wandb-mode online)")
+    g.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        if not os.path.exists(args.config):
+            parser.error(f"--config {args.config}: file not found")
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)  # re-parse so explicit CLI flags override the file
+    return finalize(args, parser)
+
+
+def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.attention_query_scale_base is not None and args.attention_query_scale_base <= 0:
+        args.attention_query_scale_base = None
+    if args.stage != "select" and args.train_iters <= 0:
+        parser.error("--train-iters must be positive")
+    if args.stage in ("align", "distill", "select") and not (args.teacher or args.load):
+        parser.error(f"--stage {args.stage} needs --teacher (a converted teacher checkpoint)")
+    if args.stage != "select" and not args.data_path:
+        parser.error("--data-path is required (make one with tools/preprocess_data.py)")
+    if args.layer_pattern and os.path.exists(args.layer_pattern):
+        with open(args.layer_pattern) as f:
+            args.layer_pattern = f.read().strip()
+    return args
+
+
+def save_resolved(args: argparse.Namespace, directory: str) -> str:
+    """Writes the full resolved flags; `--config <that file>` reproduces the run."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "config.yaml")
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(values, f, sort_keys=True)
+    os.replace(tmp, path)
+    return path

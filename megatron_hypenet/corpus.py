@@ -1,0 +1,213 @@
+"""Deterministic synthetic English-like corpus for the embedded CPU demo (no downloads).
+
+Documents are either filler prose from a small grammar, or retrieval documents that teach copying
+from context: needle facts buried in filler and asked about at the end, pass keys, and key-value
+lists queried by key. `megatron_hypenet.retrieval` builds its evaluation prompts from the same
+pieces (`filler_sentences`, `needle_case`, `passkey_case`, `kv_pairs`, `kv_case`), so the teacher
+is evaluated on exactly the style it was trained on.
+
+Every document depends only on (seed, index): document i is the same whatever num_docs is.
+"""
+
+import json
+import os
+import random
+import re
+from typing import Iterator, NamedTuple
+
+from tqdm import tqdm
+
+NAMES = (
+    "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Liam Mia Noah Olivia Peter "
+    "Quinn Rosa Sam Tara Umar Vera Walter Xenia Yusuf Zoe Anna Ben Clara Daniel Elena Felix Hannah "
+    "Isaac Julia Kevin Laura Marco Nina Oscar Paula Ruth Simon Tom Ursula Victor Wendy Adam Bella "
+    "Colin Diana Ethan Fiona George Helen Ivan Jasmine Leo Maya Nora Owen"
+).split()
+NOUNS = (
+    "river garden window letter bridge market teacher doctor farmer painter sailor baker horse "
+    "dog cat bird lamp table chair book song story road city village forest mountain lake island "
+    "castle tower boat train ship kitchen school library museum hospital station harbor field "
+    "meadow hill valley stone coin key map clock bell basket ladder blanket candle cup plate "
+    "apple bread cheese cake soup tea coffee orange lemon flower tree leaf cloud storm wind "
+    "machine engine wheel hammer rope shirt coat hat shoe bag box door wall roof garden gate"
+).split()
+ADJECTIVES = (
+    "old young small large quiet loud bright dark warm cold green blue red yellow heavy light "
+    "strange famous gentle careful busy lazy happy sad clever simple tall short narrow wide "
+    "ancient modern empty crowded wet dry soft hard clean dirty kind brave calm proud rare "
+    "sudden wooden golden silver broken hidden"
+).split()
+VERBS = (  # transitive, past tense
+    "found lost painted carried opened closed cleaned built visited watched followed described "
+    "repaired sold bought borrowed returned moved dropped lifted pushed pulled noticed remembered "
+    "forgot washed cooked planted measured counted drew wrote read studied guarded"
+).split()
+INTRANSITIVE = (  # intransitive, past tense
+    "waited laughed slept arrived left smiled sang danced worked rested listened wandered "
+    "shouted whispered paused returned stayed hurried cried"
+).split()
+PLACES = (
+    "the old mill|the harbor|the quiet square|the north road|the market hall|the village green|"
+    "the forest edge|the train station|the library steps|the river bank|the high street|"
+    "the city park|the school yard|the farm house|the lighthouse|the small chapel|the bakery|"
+    "the town hall|the bus stop|the garden wall"
+).split("|")
+TIMES = (
+    "in the morning|at noon|in the evening|at night|on Monday|on Friday|last winter|"
+    "every summer|after the rain|before dinner|during the storm|at dawn|later that day|"
+    "the next week|once a year|long ago|in the spring|after school"
+).split("|")
+ADVERBS = (
+    "slowly quickly quietly carefully happily suddenly gently loudly patiently nervously "
+    "proudly calmly eagerly softly"
+).split()
+PEOPLE = "children neighbors workers students travelers farmers sailors visitors".split()
+NUMBER_WORDS = "two three four five six seven eight nine ten twelve".split()
+
+TEMPLATES = (
+    "{Name} {verb} the {adj} {noun} near {place}.",
+    "The {noun} in {place} was {adj} {time}.",
+    "{Time}, {name} {verb} a {adj} {noun} {adverb}.",
+    "{Name} said that the {noun} was {adj} and {adj2}.",
+    "When the {noun} {verb} the {noun2}, the {people} {intransitive} {adverb}.",
+    "A {adj} {noun} {intransitive} near {place}.",
+    "{Name} and {name2} {verb} the {noun} {time}.",
+    "It was {adj} {time}, so {name} stayed at {place}.",
+    "Nobody knew why the {noun} was so {adj}.",
+    "The {people} {intransitive} while {name} {verb} the {noun}.",
+    "There were {number} {adj} {noun}s behind {place}.",
+    "{Name} {intransitive} {adverb} because the {noun} was {adj}.",
+    "Did {name} really see a {adj} {noun} {time}?",
+    "The {adj} {noun} belonged to {name}, who lived near {place}.",
+    "{Name} wrote a story about a {noun} and a {adj} {noun2}.",
+    "Everyone in {place} remembered the {adj} {noun}.",
+)
+
+
+def filler_sentence(rng: random.Random) -> str:
+    """One sentence of the grammar (no digits, so retrieval answers are the only numbers)."""
+    time = rng.choice(TIMES)
+    name = rng.choice(NAMES)
+    sentence = rng.choice(TEMPLATES).format(
+        Name=name, name=name, name2=rng.choice(NAMES), noun=rng.choice(NOUNS),
+        noun2=rng.choice(NOUNS), adj=rng.choice(ADJECTIVES), adj2=rng.choice(ADJECTIVES),
+        verb=rng.choice(VERBS), intransitive=rng.choice(INTRANSITIVE), place=rng.choice(PLACES),
+        time=time, Time=time[0].upper() + time[1:], adverb=rng.choice(ADVERBS),
+        people=rng.choice(PEOPLE), number=rng.choice(NUMBER_WORDS),
+    )
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", sentence)
+
+
+def filler_sentences(rng: random.Random) -> Iterator[str]:
+    """Endless filler: the haystack of every retrieval document."""
+    while True:
+        yield filler_sentence(rng)
+
+
+class RetrievalCase(NamedTuple):
+    """A fact hidden in a document, the question closing the document, and its answer.
+
+    The answer starts with a space and the question has none at its end, so for byte-level BPE
+    tokenizers tokens(question + answer) == tokens(question) + tokens(answer).
+    """
+
+    needle: str
+    question: str
+    answer: str
+
+
+def needle_case(rng: random.Random, name: str | None = None) -> RetrievalCase:
+    name = name or rng.choice(NAMES)
+    number = str(rng.randrange(10_000, 100_000))
+    return RetrievalCase(
+        needle=f"The secret number of {name} is {number}.",
+        question=f"What is the secret number of {name}? The secret number of {name} is",
+        answer=f" {number}",
+    )
+
+
+def passkey_case(rng: random.Random) -> RetrievalCase:
+    key = str(rng.randrange(10_000, 100_000))
+    return RetrievalCase(
+        needle=f"The pass key is {key}. Remember it. {key} is the pass key.",
+        question="What is the pass key? The pass key is",
+        answer=f" {key}",
+    )
+
+
+def kv_pairs(rng: random.Random, exclude: frozenset = frozenset()) -> Iterator[str]:
+    """Endless "key 7f3a: 219." items with distinct keys, none of them in `exclude`."""
+    seen = set(exclude)
+    while True:
+        key = f"{rng.randrange(16**4):04x}"
+        if key not in seen:
+            seen.add(key)
+            yield f"key {key}: {rng.randrange(100, 1000)}."
+
+
+def kv_case(rng: random.Random) -> tuple[RetrievalCase, str]:
+    """The queried pair, and its key (to keep it out of the rest of the list)."""
+    key, value = f"{rng.randrange(16**4):04x}", rng.randrange(100, 1000)
+    return RetrievalCase(needle=f"key {key}: {value}.", question=f"Query key {key}:", answer=f" {value}"), key
+
+
+def approx_tokens(text: str) -> int:
+    """Token estimate before any tokenizer exists (digits are split one per token)."""
+    return round(1.3 * len(text.split())) + sum(ch.isdigit() for ch in text)
+
+
+def _take(units: Iterator[str], num_tokens: int) -> list[str]:
+    taken, total = [], 0
+    while total < num_tokens:
+        taken.append(next(units))
+        total += approx_tokens(taken[-1])
+    return taken
+
+
+def _haystack_document(units: list[str], needles: list[str], cases: list[RetrievalCase], rng) -> str:
+    """Needles at random depths in the units, then the questions about some of them."""
+    for needle in needles:
+        units.insert(rng.randint(0, len(units)), needle)
+    questions = [case.question + case.answer + "." for case in cases]
+    return " ".join(units) + "\n" + " ".join(questions)
+
+
+def make_document(seed: int, index: int, doc_tokens_hint: int = 384) -> str:
+    """Document `index` of the corpus for `seed`; about `doc_tokens_hint` tokens (+-50%)."""
+    rng = random.Random(f"corpus:{seed}:{index}")
+    budget = int(doc_tokens_hint * rng.uniform(0.5, 1.5))
+    kind = rng.choices(("filler", "needle", "passkey", "kv"), weights=(3, 3, 2, 2))[0]
+    if kind == "filler":
+        sentences = _take(filler_sentences(rng), budget)
+        cut = rng.randint(1, len(sentences))  # two paragraphs, like real documents
+        return "\n\n".join(" ".join(part) for part in (sentences[:cut], sentences[cut:]) if part)
+    if kind == "needle":
+        # Several facts with distinct names: copying must match the name, not just the phrase.
+        names = rng.sample(NAMES, rng.randint(1, 3))
+        cases = [needle_case(rng, name) for name in names]
+        asked = rng.sample(cases, rng.randint(1, len(cases)))
+        return _haystack_document(_take(filler_sentences(rng), budget), [c.needle for c in cases], asked, rng)
+    if kind == "passkey":
+        case = passkey_case(rng)
+        return _haystack_document(_take(filler_sentences(rng), budget), [case.needle], [case], rng)
+    cases = [kv_case(rng) for _ in range(rng.randint(1, 3))]
+    keys = frozenset(key for _, key in cases)
+    asked = [case for case, _ in cases]
+    return _haystack_document(_take(kv_pairs(rng, keys), budget), [c.needle for c in asked], asked, rng)
+
+
+def iter_corpus_texts(num_docs: int, seed: int = 0, doc_tokens_hint: int = 384) -> Iterator[str]:
+    for index in range(num_docs):
+        yield make_document(seed, index, doc_tokens_hint)
+
+
+def generate_corpus(path: str, num_docs: int, seed: int = 0, doc_tokens_hint: int = 384) -> str:
+    """Write the corpus as JSONL ({"text": ...} per line), atomically; returns `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        texts = iter_corpus_texts(num_docs, seed, doc_tokens_hint)
+        for text in tqdm(texts, total=num_docs, desc="synthetic corpus", unit="doc"):
+            f.write(json.dumps({"text": text}) + "\n")
+    os.replace(tmp, path)
+    return path

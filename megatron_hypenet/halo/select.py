@@ -1,0 +1,118 @@
+"""HALO attention-layer selection.
+
+For each layer i, the teacher with only layer i swapped for its aligned Lightning mixer is scored on
+recall (built-in retrieval tasks at several lengths) and on a general-LM proxy (minus the held-out LM
+loss, so "higher is better" like a benchmark score). Then
+
+    importance_i = (max_j recall_j - recall_i) / (max_j general_j - general_i + eps), clipped at 50
+
+and the `k` most important layers stay softmax attention.
+"""
+
+import json
+import logging
+import os
+from typing import List, Sequence
+
+import torch
+
+from .. import checkpoint, parallel
+from ..config import ATTENTION, LIGHTNING, read_model_description
+from ..convert import find_tokenizer
+from ..data import build_gpt_datasets, load_tokenizer, make_dataloader
+from ..losses import full_logits
+from ..retrieval import lm_loss, make_kv_examples, make_needle_examples, retrieval_accuracy
+from .init import load_hybrid
+from .stages import build_from_description, forward_hidden
+
+log = logging.getLogger("megatron_hypenet")
+
+IMPORTANCE_CLIP = 50.0
+
+
+def importance_scores(recall: Sequence[float], general: Sequence[float], eps: float = 1e-3,
+                      clip: float = IMPORTANCE_CLIP) -> List[float]:
+    best_r, best_g = max(recall), max(general)
+    return [min((best_r - r) / (best_g - g + eps), clip) for r, g in zip(recall, general)]
+
+
+def choose_attention_layers(importance: Sequence[float], k: int) -> List[int]:
+    """The k most important layers (ties go to the earlier layer), in layer order."""
+    if not 0 < k <= len(importance):
+        raise ValueError(f"cannot keep {k} attention layers out of {len(importance)}")
+    order = sorted(range(len(importance)), key=lambda i: (-importance[i], i))
+    return sorted(order[:k])
+
+
+def pattern_with_attention(num_layers: int, attention_layers: Sequence[int]) -> str:
+    return "".join(ATTENTION if i in attention_layers else LIGHTNING for i in range(num_layers))
+
+
+def default_num_attention_layers(num_layers: int) -> int:
+    """1/8 of the layers (the paper's ratio), at least one."""
+    return max(1, round(num_layers / 8))
+
+
+def run_select(args) -> dict:
+    parallel.initialize(args.tensor_model_parallel_size, 1, 1, seed=args.seed)
+    device = parallel.device()
+    teacher_root, rnn_root = args.teacher, args.load
+    if not teacher_root or not rnn_root:
+        raise ValueError("--stage select needs --teacher <teacher ckpt> and --load <align ckpt>")
+    rnn_desc = read_model_description(checkpoint.resolve(rnn_root))
+    n = rnn_desc["num_layers"]
+    k = args.num_attention_layers or default_num_attention_layers(n)
+    tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoint.resolve(teacher_root)))
+    lengths = args.select_lengths or [args.seq_length // 2, args.seq_length]
+    examples = [ex for length in lengths for make in (make_needle_examples, make_kv_examples)
+                for ex in make(tokenizer, length, args.select_examples, seed=args.seed)]
+    if not args.data_path:
+        raise ValueError("--stage select needs --data-path for the general-LM score (held-out loss)")
+    _, valid, _ = build_gpt_datasets(args.data_path, args.seq_length, args.seed, 1,
+                                     valid_samples=args.eval_iters * args.micro_batch_size,
+                                     tokenizer_dir=None, eod_id=tokenizer.eos_token_id, split=args.split)
+    batches = [b for _, b in zip(range(args.eval_iters), make_dataloader(valid, args.micro_batch_size, 0, args.seed))]
+
+    def score(pattern):
+        model, _ = build_from_description(rnn_desc, args, layer_pattern=pattern, attention_rope=True,
+                                          attention_query_scale_base=None)
+        load_hybrid(model, pattern, teacher_root, rnn_root)
+        model.to(device).eval()
+        logits_fn = lambda ids: full_logits(model, forward_hidden(model, ids.to(device)))  # noqa: E731
+        with torch.no_grad():
+            recall, _ = retrieval_accuracy(logits_fn, examples)
+            loss = lm_loss(logits_fn, batches)
+        return recall, -loss
+
+    teacher_recall, teacher_general = score(ATTENTION * n)
+    rows = []
+    for i in range(n):
+        recall, general = score(ATTENTION * i + LIGHTNING + ATTENTION * (n - i - 1))
+        rows.append({"layer": i, "recall": recall, "general": general})
+        log.info("layer %d swapped: recall %.3f, general %.4f", i, recall, general)
+    importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows])
+    for row, imp in zip(rows, importance):
+        row["importance"] = imp
+    chosen = choose_attention_layers(importance, k)
+    pattern = pattern_with_attention(n, chosen)
+    result = {"layer_pattern": pattern, "attention_layers": chosen, "teacher_recall": teacher_recall,
+              "teacher_general": teacher_general, "lengths": lengths, "layers": rows}
+    if args.save and parallel.is_rank0():
+        os.makedirs(args.save, exist_ok=True)
+        with open(os.path.join(args.save, "selection.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        with open(os.path.join(args.save, "layer_pattern.txt"), "w") as f:
+            f.write(pattern + "\n")
+    if parallel.is_rank0():
+        print(format_selection(result))
+    return result
+
+
+def format_selection(result: dict) -> str:
+    lines = [f"{'layer':>5} {'recall':>8} {'general':>9} {'importance':>10}"]
+    for row in result["layers"]:
+        mark = " *" if row["layer"] in result["attention_layers"] else ""
+        lines.append(f"{row['layer']:>5} {row['recall']:>8.3f} {row['general']:>9.4f} {row['importance']:>10.2f}{mark}")
+    lines.append(f"teacher: recall {result['teacher_recall']:.3f}, general {result['teacher_general']:.4f}")
+    lines.append(f"kept as attention (*): {result['attention_layers']} -> layer pattern {result['layer_pattern']}")
+    return "\n".join(lines)

@@ -1,0 +1,259 @@
+"""HypeNet token mixers and norms as megatron-core modules.
+
+Both mixers sit in the `self_attention` slot of megatron-core's `TransformerLayer` and take their
+linear layers from `ModuleSpec` submodules, so tensor parallelism comes from
+`ColumnParallelLinear`/`RowParallelLinear` and nothing here talks to the parallel state except
+through the TP group handed in. The math is docs/architecture.md; the HF export mirrors it.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from kernels import lightning_attention, lightning_slopes
+
+from .config import HypeNetConfig
+
+
+def _tp_group(pg_collection):
+    if pg_collection is not None and getattr(pg_collection, "tp", None) is not None:
+        return pg_collection.tp
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq_group=None, width=None) -> torch.Tensor:
+    """Qwen3's RMSNorm: statistics in fp32, weight applied in the input dtype.
+
+    With `sum_sq_group`, the channels of `x` are one shard of `width` channels spread over that group
+    (the heads of a TP rank), and the mean square is all-reduced so the result equals the unsharded norm.
+    """
+    dtype = x.dtype
+    xf = x.float()
+    if sum_sq_group is None:
+        mean_sq = xf.pow(2).mean(-1, keepdim=True)
+    else:
+        mean_sq = dist_fn.all_reduce(xf.pow(2).sum(-1, keepdim=True), group=sum_sq_group) / width
+    return weight * (xf * torch.rsqrt(mean_sq + eps)).to(dtype)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm with the `(config, hidden_size, eps)` signature megatron-core's specs build norms with.
+
+    Unlike megatron-core's local torch norm it supports sequence parallelism: the weight is marked
+    `sequence_parallel` so its gradient is all-reduced across the TP group, as for TE's norms.
+    """
+
+    def __init__(self, config: HypeNetConfig, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float):
+    """cos, sin [T, dim] for the HF `rotate_half` RoPE convention, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [s, b, h, d]; cos/sin [s, d]."""
+    cos, sin = cos[:, None, None, :].to(x.dtype), sin[:, None, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def query_scale(positions: torch.Tensor, base: float) -> torch.Tensor:
+    """HyPE's attention query scale log(pos + a) / log(a) (1 at position 0) [T], fp32."""
+    return torch.log(positions.float() + base) / math.log(base)
+
+
+def sequence_positions(seq_len: int, device) -> torch.Tensor:
+    """Absolute positions of this rank's tokens (context parallelism shifts them; see parallel.py)."""
+    return torch.arange(seq_len, device=device)
+
+
+@dataclass
+class MixerSubmodules:
+    linear_qkv: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+    linear_gate: Union[ModuleSpec, type, None] = None
+
+
+class _Mixer(MegatronModule):
+    """What both mixers share: the fused QKV projection, the output projection and the head shard."""
+
+    def __init__(self, config, submodules, layer_number, num_heads, qkv_out, proj_in, pg_collection):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.tp_group = _tp_group(pg_collection)
+        self.tp_size = self.tp_group.size() if self.tp_group is not None else 1
+        self.tp_rank = self.tp_group.rank() if self.tp_group is not None else 0
+        if num_heads % self.tp_size:
+            raise ValueError(f"{num_heads} heads cannot be split over tensor parallel size {self.tp_size}")
+        self.local_heads = num_heads // self.tp_size
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, qkv_out, config=config, init_method=config.init_method,
+            gather_output=False, bias=False, skip_bias_add=False, is_expert=False, tp_group=self.tp_group,
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj, proj_in, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True, skip_bias_add=True,
+            is_expert=False, tp_group=self.tp_group,
+        )
+
+    def _qk_norm(self, q, k):
+        eps = self.config.layernorm_epsilon
+        return rms_norm(q, self.q_layernorm.weight, eps), rms_norm(k, self.k_layernorm.weight, eps)
+
+
+class _HeadNorm(torch.nn.Module):
+    """A [D] RMSNorm weight shared by all heads (q_norm / k_norm): replicated over TP."""
+
+    def __init__(self, config, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(dim, dtype=config.params_dtype))
+
+
+class HypeNetAttention(_Mixer):
+    """Softmax attention (GQA) with QK-norm and HyPE: NoPE + log-position query scale, or RoPE for the teacher.
+
+    `linear_qkv` keeps megatron-core's layout (per KV group: its query heads, then k, then v) so
+    checkpoints interoperate with megatron-core's own SelfAttention.
+    """
+
+    def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
+                 **kwargs):
+        H, G, D = config.num_attention_heads, config.num_query_groups, config.kv_channels
+        super().__init__(config, submodules, layer_number, H, (H + 2 * G) * D, H * D, pg_collection)
+        if G % self.tp_size:
+            raise ValueError(f"{G} KV groups cannot be split over tensor parallel size {self.tp_size}")
+        self.local_groups = G // self.tp_size
+        self.head_dim = D
+        self.q_layernorm = _HeadNorm(config, D)
+        self.k_layernorm = _HeadNorm(config, D)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        s, b, _ = hidden_states.shape
+        qkv, _ = self.linear_qkv(hidden_states)
+        s = qkv.shape[0]  # sequence parallel gathers the sequence inside linear_qkv
+        per_group = self.local_heads // self.local_groups
+        qkv = qkv.view(s, b, self.local_groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(s, b, self.local_heads, self.head_dim)
+        k, v = qkv[:, :, :, per_group], qkv[:, :, :, per_group + 1]
+        q, k = self._qk_norm(q, k)
+        pos = sequence_positions(s, q.device)
+        if self.config.attention_rope:
+            cos, sin = rope_cos_sin(pos, self.head_dim, self.config.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.config.attention_query_scale_base is not None:
+            q = q * query_scale(pos, self.config.attention_query_scale_base)[:, None, None, None].to(q.dtype)
+        # SDPA wants [b, h, s, d]; GQA by repeating KV heads keeps it portable across torch versions.
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))
+        k = k.repeat_interleave(per_group, dim=1)
+        v = v.repeat_interleave(per_group, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        o = o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        return self.linear_proj(o)
+
+
+class _ShardedVector(torch.nn.Module):
+    """A parameter whose first axis is split over the TP group with the heads (output norm, conv)."""
+
+    def __init__(self, config, shape, init):
+        super().__init__()
+        self.weight = torch.nn.Parameter(init(torch.empty(shape, dtype=config.params_dtype)))
+        setattr(self.weight, "tensor_model_parallel", True)
+        setattr(self.weight, "partition_dim", 0)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+
+
+def _identity_conv(w):
+    """Causal conv kernel that passes its input through: a converted model starts as its teacher."""
+    torch.nn.init.zeros_(w)
+    w[..., -1] = 1.0
+    return w
+
+
+class LightningAttention(_Mixer):
+    """Lightning Attention mixer (docs/architecture.md): un-shared K/V, QK-norm, RoPE, fixed ALiBi decay,
+    output RMSNorm over all heads, sigmoid output gate, optional short conv.
+
+    `linear_qkv` is laid out per head ([q_h; k_h; v_h]), so a TP rank holds whole heads, and each rank
+    takes the decay slopes of its *global* head indices.
+    """
+
+    def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
+                 **kwargs):
+        H, D = config.lightning_num_heads, config.lightning_head_dim
+        super().__init__(config, submodules, layer_number, H, 3 * H * D, H * D, pg_collection)
+        self.head_dim = D
+        first = self.tp_rank * self.local_heads
+        self.register_buffer("slopes", lightning_slopes(H)[first : first + self.local_heads], persistent=False)
+        self.scale = {"sqrt": D**-0.5, "linear": 1.0 / D, "none": 1.0}[config.lightning_scale]
+        local = self.local_heads * D
+        if config.lightning_qk_norm:
+            self.q_layernorm = _HeadNorm(config, D)
+            self.k_layernorm = _HeadNorm(config, D)
+        if config.lightning_output_norm:
+            self.out_norm = _ShardedVector(config, (local,), torch.nn.init.ones_)
+        if config.lightning_output_gate:
+            self.linear_gate = build_module(
+                submodules.linear_gate, config.hidden_size, H * D, config=config, init_method=config.init_method,
+                gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_group=self.tp_group,
+            )
+        if config.lightning_short_conv:
+            K = config.lightning_conv_size
+            self.q_conv, self.k_conv, self.v_conv = (_ShardedVector(config, (local, 1, K), _identity_conv) for _ in range(3))
+
+    def _conv(self, x, conv):
+        """Causal depthwise conv over time; x [s, b, c]."""
+        K = conv.weight.shape[-1]
+        y = F.conv1d(F.pad(x.permute(1, 2, 0), (K - 1, 0)), conv.weight, groups=x.shape[-1])
+        return y.permute(2, 0, 1)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        b = hidden_states.shape[1]
+        qkv, _ = self.linear_qkv(hidden_states)
+        s = qkv.shape[0]
+        H, D = self.local_heads, self.head_dim
+        qkv = qkv.view(s, b, H, 3, D)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        if self.config.lightning_short_conv:
+            q, k, v = (
+                self._conv(x.reshape(s, b, H * D), conv).view(s, b, H, D)
+                for x, conv in ((q, self.q_conv), (k, self.k_conv), (v, self.v_conv))
+            )
+        if self.config.lightning_qk_norm:
+            q, k = self._qk_norm(q, k)
+        if self.config.lightning_rope:
+            cos, sin = rope_cos_sin(sequence_positions(s, q.device), D, self.config.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o, _ = lightning_attention(
+            *(x.transpose(0, 1) for x in (q, k, v)), self.slopes, scale=self.scale
+        )
+        o = o.transpose(0, 1).reshape(s, b, H * D)
+        if self.config.lightning_output_norm:
+            group = self.tp_group if self.tp_size > 1 else None
+            o = rms_norm(o, self.out_norm.weight, self.config.layernorm_epsilon, group, H * D * self.tp_size)
+        if self.config.lightning_output_gate:
+            gate, _ = self.linear_gate(hidden_states)
+            o = o * torch.sigmoid(gate)
+        return self.linear_proj(o)

@@ -1,0 +1,88 @@
+"""HypeNet layer specs and model construction on megatron-core's GPTModel.
+
+`layer_spec(config, mixer)` is the one place that says which module fills each slot of a
+`TransformerLayer`; swapping an implementation (a TE linear, another RNN mixer) means changing a
+`ModuleSpec` here, not the model code.
+"""
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from .config import ATTENTION, LIGHTNING, HypeNetConfig
+from .layers import HypeNetAttention, LightningAttention, MixerSubmodules, RMSNorm
+
+VOCAB_DIVISIBLE_BY = 128  # padded vocab stays divisible by every TP size up to 128, so checkpoints reshard
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_DIVISIBLE_BY) * VOCAB_DIVISIBLE_BY
+
+
+MIXERS = {
+    ATTENTION: ModuleSpec(
+        module=HypeNetAttention,
+        submodules=MixerSubmodules(linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear),
+    ),
+    LIGHTNING: ModuleSpec(
+        module=LightningAttention,
+        submodules=MixerSubmodules(
+            linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear, linear_gate=ColumnParallelLinear
+        ),
+    ),
+}
+
+
+def layer_spec(mixer: str) -> ModuleSpec:
+    """A Qwen3 decoder layer whose token mixer is `mixer` ("A" or "L")."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=MIXERS[mixer],
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(config: HypeNetConfig, vp_stage=None) -> TransformerBlockSubmodules:
+    """The layer specs of this pipeline stage, taken from the global layer pattern."""
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    pattern = config.layer_pattern[offset : offset + count]
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(m) for m in pattern], layer_norm=RMSNorm)
+
+
+def build_model(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: bool, max_sequence_length: int = 1 << 20,
+                vp_stage=None) -> GPTModel:
+    """A HypeNet (or, with the teacher's pattern, Qwen3) GPTModel for this rank's pipeline stage."""
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, vp_stage),
+        vocab_size=padded_vocab_size(vocab_size),
+        max_sequence_length=max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=tie_word_embeddings,
+        position_embedding_type="none",
+        vp_stage=vp_stage,
+    )
+    model.vocab_size = vocab_size  # logits beyond it are padding
+    return model

@@ -1,0 +1,87 @@
+"""Process-group set-up: torchrun (NCCL on GPUs, gloo on CPUs) and megatron-core model parallelism.
+
+Model math never reads the parallel state; only this module, the trainer and the checkpoint code do.
+"""
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from . import cpu_compat
+
+# Multicast NVLink can take a shared host's GPUs down; keep it off in every process we start.
+NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def ensure_process_group() -> None:
+    """Joins torchrun's process group, or makes a one-process one (dist_checkpointing needs a group)."""
+    for key, value in NVLS_OFF.items():
+        os.environ.setdefault(key, value)
+    cpu_compat.install()
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain single-process run
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+
+
+def initialize(tp: int = 1, pp: int = 1, cp: int = 1, vpp=None, seed: int = 1234) -> None:
+    """Joins (or creates, for a plain `python` run) the process group and builds the TP/PP/CP/DP groups."""
+    ensure_process_group()
+    world = dist.get_world_size()
+    if world % (tp * pp * cp):
+        raise ValueError(
+            f"world size {world} is not divisible by TP x PP x CP = {tp} x {pp} x {cp}; launch "
+            f"a multiple of {tp * pp * cp} processes (torchrun --nproc-per-node ...) or change the layout"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+    )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on TP ranks (replicated init), different per PP stage, as Megatron does."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,301 @@
+"""The training loop shared by every HALO stage; read it top to bottom.
+
+    set up parallelism -> build the stage's models -> resume or initialise -> data -> for each step:
+    loss, backward, grad sync (TP-replicated params, data parallel), clip, AdamW, schedule, log, save
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from . import checkpoint, parallel
+from .arguments import save_resolved
+from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
+from .data import build_gpt_datasets, make_dataloader
+from .halo.stages import build_stage
+
+log = logging.getLogger("megatron_hypenet")
+
+
+# ---- learning-rate schedule (a pure function of the iteration, so resuming needs no state) -------
+
+def learning_rate(it: int, args) -> float:
+    if args.lr_warmup_iters and it < args.lr_warmup_iters:
+        return args.lr * (it + 1) / args.lr_warmup_iters
+    span = max(1, args.train_iters - args.lr_warmup_iters)
+    frac = (it - args.lr_warmup_iters) / span
+    if args.lr_decay_style == "constant":
+        return args.lr
+    if args.lr_decay_style == "cosine":
+        return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * frac))
+    if args.lr_decay_style == "linear":
+        return args.lr - (args.lr - args.min_lr) * frac
+    # warmup-stable-decay: constant, then a linear drop to min_lr over the last fraction of steps
+    decay_start = 1 - args.lr_wsd_decay_fraction
+    if frac < decay_start:
+        return args.lr
+    return args.lr - (args.lr - args.min_lr) * (frac - decay_start) / max(args.lr_wsd_decay_fraction, 1e-8)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+def _tp_partial(name: str, p) -> bool:
+    """Replicated parameters whose gradient each TP rank computes only in part (megatron-core's rule)."""
+    return "q_layernorm" in name or "k_layernorm" in name or getattr(p, "sequence_parallel", False)
+
+
+def sync_grads(model) -> None:
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if tp_group.size() > 1:
+        for name, p in model.named_parameters():
+            if p.grad is not None and _tp_partial(name, p):
+                dist.all_reduce(p.grad, group=tp_group)
+    dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dp_group.size() > 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=dp_group)
+                p.grad /= dp_group.size()
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Global grad norm over the model-parallel group, counting TP-replicated params once."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    mp_group = parallel_state.get_model_parallel_group()
+    if mp_group.size() > 1:
+        dist.all_reduce(sq, group=mp_group)
+    norm = float(sq.sqrt())
+    if max_norm and math.isfinite(norm) and norm > max_norm:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
+# ---- RNG state, so a resumed run continues the same random stream ---------------------------------
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- logging ----------------------------------------------------------------------------------
+
+class MetricsLogger:
+    """metrics.jsonl (always), TensorBoard, and wandb (offline by default) on rank 0."""
+
+    def __init__(self, args):
+        self.enabled = parallel.is_rank0() and args.save
+        self.jsonl = self.tb = self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(args.save, exist_ok=True)
+        self.jsonl = open(os.path.join(args.save, "metrics.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(args.tensorboard_dir or os.path.join(args.save, "tensorboard"))
+        except ImportError:
+            log.warning("tensorboard is not installed; TensorBoard logging is off")
+        if args.wandb_project and args.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project, mode=args.wandb_mode, dir=args.save,
+                                    config=vars(args), name=f"{args.stage}-{os.path.basename(args.save.rstrip('/'))}")
+
+    def log(self, it: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"iteration": it, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                if self.tb:
+                    self.tb.add_scalar(f"{k}", v, it)
+        if self.wandb:
+            self.wandb.log(metrics, step=it)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning before a kill) ask for a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %s: saving a checkpoint and exiting", signum)
+        self.raised = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([float(self.raised)], device=parallel.device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+def train(args) -> dict:
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        args.context_parallel_size, seed=args.seed)
+    if args.pipeline_model_parallel_size > 1:
+        raise NotImplementedError("pipeline parallel training runs on GPUs through megatron-core's schedules "
+                                  "(issue #4); use --pipeline-model-parallel-size 1 here")
+    device = parallel.device()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    global_batch = args.global_batch_size or args.micro_batch_size * dp_size
+    if global_batch % (args.micro_batch_size * dp_size):
+        raise ValueError(f"--global-batch-size {global_batch} is not a multiple of micro batch x data parallel "
+                         f"({args.micro_batch_size} x {dp_size})")
+    accumulation = global_batch // (args.micro_batch_size * dp_size)
+
+    stage = build_stage(args)
+    student = stage.student.to(device)
+    if stage.teacher is not None:
+        stage.teacher.to(device)
+    optimizer = torch.optim.AdamW(stage.trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+
+    # Resume from --save (same stage) or initialise from --load/--teacher.
+    start, consumed = 0, 0
+    resume = args.save and not args.no_resume and checkpoint.latest_iteration(args.save) is not None
+    if resume:
+        path, state = checkpoint.load_checkpoint(args.save, student, stage.desc, optimizer, iteration=args.ckpt_step)
+        if state is None or state.get("stage") != args.stage:
+            raise checkpoint.CheckpointError(
+                f"{path} holds stage {state and state.get('stage')!r}, not {args.stage!r}: give each stage its "
+                f"own --save folder (pass the previous stage's with --load), or --no-resume")
+        start, consumed = state["iteration"], state["consumed_samples"]
+        set_rng_state(state["rng"])
+        log.info("resumed %s at iteration %d from %s", args.stage, start, path)
+    else:
+        stage.initialise()
+    if args.save:
+        save_resolved(args, args.save)
+
+    tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))
+    if tokenizer_dir is None:
+        raise FileNotFoundError("no tokenizer: pass --tokenizer DIR (the teacher's HF folder)")
+    if args.save and parallel.is_rank0():  # checkpoints carry their tokenizer to the next stage and the export
+        copy_tokenizer(tokenizer_dir, os.path.join(args.save, TOKENIZER_DIR))
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, args.seq_length, args.seed, args.train_iters * global_batch,
+        valid_samples=max(1, args.eval_iters * args.micro_batch_size), tokenizer_dir=tokenizer_dir, split=args.split)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    loader = iter(make_dataloader(train_ds, args.micro_batch_size, consumed, args.seed, dp_rank, dp_size))
+
+    metrics_log = MetricsLogger(args)
+    preempt = PreemptionFlag()
+    bad_steps, last_loss = 0, float("nan")
+    tokens_per_iter = global_batch * args.seq_length
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    bar = tqdm(range(start, args.train_iters), desc=args.stage, initial=start, total=args.train_iters,
+               disable=args.no_progress or not parallel.is_rank0())
+    student.train()
+    it = start
+    for it in bar:
+        t0 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(it, args)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for _ in range(accumulation):
+            batch = {k: v.to(device) for k, v in next(loader).items()}
+            with autocast:
+                loss = stage.loss(batch) / accumulation
+            loss.backward()
+            loss_sum += loss.detach().float().item()
+        consumed += global_batch
+        sync_grads(student)
+        grad_norm = clip_grad_norm(stage.trainable, args.clip_grad)
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            optimizer.step()
+            bad_steps = 0
+            last_loss = loss_sum
+        else:
+            bad_steps += 1
+            log.warning("iteration %d: loss %s, grad norm %s is not finite; step skipped", it, loss_sum, grad_norm)
+            if args.nan_policy == "stop" or bad_steps >= args.max_skipped_iters:
+                raise FloatingPointError(f"non-finite loss/gradients at iteration {it} ({bad_steps} in a row); "
+                                         f"lower --lr or check the data. Last good checkpoint: {args.save}")
+        dt = time.time() - t0
+        metrics = {"loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                   "tokens_per_s": tokens_per_iter / dt, "memory_gb": memory_gb(), "consumed_samples": consumed,
+                   "skipped": bad_steps > 0}
+        if args.eval_interval and (it + 1) % args.eval_interval == 0:
+            metrics["valid_loss"] = evaluate(stage, valid_ds, args, device, autocast)
+        metrics_log.log(it + 1, metrics)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{metrics['lr']:.2e}")
+        if (it + 1) % args.log_interval == 0 and parallel.is_rank0() and args.no_progress:
+            log.info("%s it %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s", args.stage, it + 1, loss_sum,
+                     metrics["lr"], grad_norm, metrics["tokens_per_s"])
+        done = it + 1 == args.train_iters
+        stop = preempt.any_rank()
+        if args.save and (done or stop or (args.save_interval and (it + 1) % args.save_interval == 0)):
+            state = {"stage": args.stage, "iteration": it + 1, "consumed_samples": consumed, "rng": rng_state()}
+            checkpoint.save_checkpoint(args.save, it + 1, student, stage.desc, optimizer, state, args.keep_last)
+        if stop:
+            log.warning("stopped at iteration %d after a checkpoint (pre-emption)", it + 1)
+            break
+    metrics_log.close()
+    summary = {"stage": args.stage, "iterations": it + 1 if args.train_iters > start else start, "loss": last_loss}
+    if valid_ds is not None and len(valid_ds) > 0:
+        summary["valid_loss"] = evaluate(stage, valid_ds, args, device, autocast)
+    return summary
+
+
+@torch.no_grad()
+def evaluate(stage, dataset, args, device, autocast) -> float:
+    stage.student.eval()
+    loader = make_dataloader(dataset, args.micro_batch_size, 0, args.seed)
+    losses = []
+    for i, batch in enumerate(loader):
+        if i >= args.eval_iters:
+            break
+        with autocast:
+            losses.append(float(stage.loss({k: v.to(device) for k, v in batch.items()})))
+    stage.student.train()
+    return sum(losses) / max(1, len(losses))

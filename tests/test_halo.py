@@ -1,0 +1,104 @@
+"""The four HALO stages end to end on a tiny local teacher, and the layer-selection rule."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from megatron_hypenet.halo.select import (
+    choose_attention_layers,
+    default_num_attention_layers,
+    importance_scores,
+    pattern_with_attention,
+)
+
+RECIPE = {
+    "name": "test",
+    "seed": 0,
+    "make_tiny_teacher": {"tokenizer_vocab_size": 400, "hidden_size": 64, "num_layers": 4, "heads": 4,
+                          "kv_heads": 2, "head_dim": 16, "ffn": 128, "tie": True},
+    "data": {"generate_corpus": {"num_docs": 400, "seed": 0}},
+    "common": {"seq_length": 96, "micro_batch_size": 4, "split": "90,10,0", "no_progress": True},
+    "stages": {
+        "pretrain": {"train_iters": 30, "lr": 3.0e-3, "lr_decay_style": "constant"},
+        "align": {"train_iters": 20, "lr": 3.0e-3, "lr_decay_style": "constant"},
+        "select": {"num_attention_layers": 1, "select_examples": 2},
+        "distill": {"train_iters": 20, "lr": 2.0e-3, "lr_decay_style": "constant"},
+        "finetune": {"train_iters": 15, "lr": 1.0e-3, "seq_length": 192, "micro_batch_size": 2,
+                     "lr_decay_style": "constant", "save_interval": 5},
+    },
+    "eval": {"needle_multipliers": [1, 4], "needle_examples": 2, "loss_samples": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    from megatron_hypenet.recipe import run_recipe
+
+    work = tmp_path_factory.mktemp("halo")
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    report = run_recipe(str(path), str(work / "run"))
+    return work / "run", report
+
+
+def _losses(save_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(save_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.parametrize("stage, folder", [("pretrain", "teacher"), ("align", "align"), ("distill", "distill"),
+                                           ("finetune", "finetune")])
+def test_each_stage_reduces_its_loss(recipe_run, stage, folder):
+    run, _ = recipe_run
+    losses = _losses(run / "checkpoints" / folder)
+    assert len(losses) == RECIPE["stages"][stage]["train_iters"]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first, f"{stage}: loss went from {first:.4f} to {last:.4f}"
+
+
+def test_recipe_writes_pattern_exports_and_report(recipe_run):
+    run, report = recipe_run
+    pattern = (run / "checkpoints" / "select" / "layer_pattern.txt").read_text().strip()
+    assert len(pattern) == 4 and pattern.count("A") == 1
+    assert report["layer_pattern"] == pattern
+    config = json.load(open(run / "hf_student" / "config.json"))
+    assert config["model_type"] == "hypenet" and config["layer_pattern"] == pattern
+    assert config["attention_rope"] is False and config["attention_query_scale_base"] == 256.0
+    assert json.load(open(run / "hf_teacher" / "config.json"))["model_type"] == "qwen3"
+    for row in report["models"].values():
+        assert set(row) == {"valid_loss", "needle@1x", "needle@4x"}
+        assert 0 < row["valid_loss"] < 10
+    # the finetune stage kept the last 2 of its interval checkpoints
+    kept = sorted(d for d in os.listdir(run / "checkpoints" / "finetune") if d.startswith("iter_"))
+    assert kept == ["iter_0000010", "iter_0000015"]
+
+
+def test_rerunning_a_finished_recipe_skips_every_stage(recipe_run, tmp_path):
+    from megatron_hypenet.recipe import run_stage
+
+    run, _ = recipe_run
+    common = dict(RECIPE["common"], data_path=str(run / "data" / "corpus"), tokenizer=str(run / "teacher_hf_init"))
+    result = run_stage("distill", {**common, "teacher": str(run / "checkpoints" / "teacher"),
+                                   "load": str(run / "checkpoints" / "align"),
+                                   "layer_pattern": str(run / "checkpoints" / "select" / "layer_pattern.txt"),
+                                   "save": str(run / "checkpoints" / "distill"), **RECIPE["stages"]["distill"]})
+    assert result["iterations"] == RECIPE["stages"]["distill"]["train_iters"]
+    assert len(_losses(run / "checkpoints" / "distill")) == RECIPE["stages"]["distill"]["train_iters"]
+
+
+def test_selection_follows_the_importance_formula():
+    recall = [0.9, 0.5, 0.9, 0.8]
+    general = [-1.0, -1.05, -1.3, -1.0]
+    eps = 1e-3
+    imp = importance_scores(recall, general, eps=eps)
+    assert imp[0] == 0 and imp[2] == 0
+    assert imp[1] == pytest.approx(0.4 / (0.05 + eps))
+    assert imp[3] == 50  # 0.1 / eps = 100, clipped
+    assert choose_attention_layers(imp, 2) == [1, 3]
+    assert choose_attention_layers(imp, 1) == [3]
+    assert pattern_with_attention(4, [1, 3]) == "LALA"
+    assert choose_attention_layers([1.0, 1.0, 0.0], 1) == [0]  # ties go to the earlier layer
+    with pytest.raises(ValueError, match="cannot keep 5 attention layers out of 4"):
+        choose_attention_layers(imp, 5)
+    assert default_num_attention_layers(28) == 4 and default_num_attention_layers(4) == 1

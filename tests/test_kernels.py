@@ -1,0 +1,225 @@
+"""CPU tests of Lightning Attention: the PyTorch references against each other (float64, with
+gradcheck), and the Triton kernels run by the Triton interpreter against a float64 reference.
+
+The interpreter must be switched on (TRITON_INTERPRET=1) before triton is first imported, which
+a pytest session cannot promise, so ``test_triton_kernels_in_interpreter`` runs this module again
+in a fresh process with it on; there the kernel tests (marked ``interpreted``) run.
+
+The interpreter is slow, so shapes are tiny (T <= 80, D 16/32) and the chunk is 16 tokens, but
+they still cover T not a multiple of the chunk or block, varlen (with an empty sequence), an
+initial state, Dk != Dv and forward plus backward. Every buffer the kernels allocate is filled
+with NaN first, so an element the kernels fail to write cannot pass.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.lightning.naive import (
+    lightning_attention_chunk_ref,
+    lightning_attention_recurrent_ref,
+    lightning_attention_step_ref,
+    lightning_slopes,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_triton_kernels_in_interpreter")
+
+
+def test_triton_kernels_in_interpreter():
+    if INTERPRETED:
+        pytest.skip("already inside the interpreted run")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-8000:] + run.stderr[-4000:]
+    assert " passed" in run.stdout and "skipped" in run.stdout  # the outer wrapper skips itself
+
+
+def _patch_interpreter_for_numpy():
+    """Triton 3.6's interpreter turns a tensor into a loop bound with int() of a 1-element array,
+    which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed upstream the same way)."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interp._patch_lang_tensor = patched
+
+
+if INTERPRETED:
+    _patch_interpreter_for_numpy()
+    from kernels.lightning import chunk, fused_recurrent
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    if not INTERPRETED:
+        return
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(chunk, "_empty", nan_empty)
+    monkeypatch.setattr(fused_recurrent, "_empty", nan_empty)
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite (unwritten or overflowed) elements"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(B, T, H, DK, DV, dtype, n_states=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, DK, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, DV, generator=g).to(dtype)
+    h0 = None if n_states is None else torch.randn(n_states, H, DK, DV, generator=g, dtype=torch.float64).to(
+        torch.float64 if dtype == torch.float64 else torch.float32)
+    # Steeper slopes than the defaults of tiny H, so that chunk-to-chunk decay spans real ranges.
+    slopes = lightning_slopes(H) * torch.linspace(0.2, 1.0, H)
+    return q, k, v, h0, slopes
+
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+CASES = {
+    # name: (B, T, H, DK, DV, dtype, cu_seqlens, initial state, config)
+    "fp32-batch-h0-dk<dv": (2, 37, 2, 16, 32, torch.float32, None, True, dict(chunk_size=16, block_chunks=2, scan_chunk=16)),
+    "fp32-varlen-h0-dk>dv": (1, 80, 2, 32, 16, torch.float32, [0, 5, 5, 41, 80], True,
+                             dict(chunk_size=16, block_chunks=3, scan_chunk=16)),
+    "bf16-batch": (2, 50, 2, 32, 32, torch.bfloat16, None, False, dict(chunk_size=16, block_chunks=2, scan_chunk=32)),
+    "fp16-varlen-int32": (1, 45, 1, 16, 16, torch.float16, [0, 17, 45], True, dict(chunk_size=16, block_chunks=1, scan_chunk=16)),
+    "fp32-short-seq-default-config": (1, 3, 2, 16, 16, torch.float32, None, True, {}),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("name", list(CASES))
+def test_triton_chunk_fwd_bwd_matches_float64_reference(name):
+    B, T, H, DK, DV, dtype, cu, with_h0, cfg = CASES[name]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32 if "int32" in name else torch.int64)
+    n_states = B if cu is None else len(cu) - 1
+    q, k, v, h0, slopes = make_inputs(B, T, H, DK, DV, dtype, n_states if with_h0 else None)
+    leaves = [q, k, v] + ([h0] if with_h0 else [])
+    for x in leaves:
+        x.requires_grad_(True)
+    o, ht = chunk.chunk_lightning_attention(q, k, v, slopes, None, h0, True, cu_t, **cfg)
+    assert o.dtype == dtype and ht.dtype == torch.float32 and ht.shape == (n_states, H, DK, DV)
+
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in leaves]
+    rq, rk, rv = ref_leaves[:3]
+    rh0 = ref_leaves[3] if with_h0 else None
+    ro, rht = lightning_attention_recurrent_ref(rq, rk, rv, slopes.double(), None, rh0, True, cu_t)
+    tol = TOL[dtype]
+    assert rel_err(o, ro) < tol
+    assert rel_err(ht, rht) < tol
+
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(o.shape, generator=g).to(dtype)
+    dht = torch.randn(ht.shape, generator=g)
+    torch.autograd.backward([o, ht], [do, dht])
+    torch.autograd.backward([ro, rht], [do.double(), dht.double()])
+    for name_, x, rx in zip("q k v h0".split(), leaves, ref_leaves):
+        assert x.grad.dtype == x.dtype
+        assert rel_err(x.grad, rx.grad) < tol, name_
+
+
+@interpreted
+def test_triton_chunk_without_final_state_or_state_grad():
+    q, k, v, h0, slopes = make_inputs(1, 20, 1, 16, 16, torch.float32, 1)
+    q.requires_grad_(True)
+    o, ht = chunk.chunk_lightning_attention(q, k, v, slopes, 0.5, h0, False, chunk_size=16, block_chunks=1)
+    assert ht is None
+    o.sum().backward()
+    rq = q.detach().double().requires_grad_(True)
+    ro, _ = lightning_attention_recurrent_ref(rq, k.double(), v.double(), slopes.double(), 0.5, h0.double())
+    ro.sum().backward()
+    assert rel_err(o, ro) < 2e-5 and rel_err(q.grad, rq.grad) < 2e-5
+
+
+@interpreted
+def test_triton_chunk_rejects_bad_arguments():
+    q, k, v, h0, slopes = make_inputs(2, 8, 2, 16, 16, torch.float32, 2)
+    with pytest.raises(ValueError):
+        chunk.chunk_lightning_attention(q, k, v, slopes[:1])
+    with pytest.raises(ValueError):
+        chunk.chunk_lightning_attention(q, k, v, slopes, cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(ValueError):
+        chunk.chunk_lightning_attention(q, k, v, slopes, initial_state=h0[:1])
+    with pytest.raises(TypeError):
+        chunk.chunk_lightning_attention(q, k, v, slopes, not_a_knob=1)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_step_matches_reference_and_chunk(dtype):
+    B, H, DK, DV, steps = 3, 2, 16, 32, 5
+    q, k, v, h0, slopes = make_inputs(B, steps, H, DK, DV, dtype, B)
+    state = h0.clone()
+    outs = []
+    for t in range(steps):
+        o, new = fused_recurrent.fused_recurrent_lightning_step(q[:, t], k[:, t], v[:, t], slopes, state)
+        ro, rnew = lightning_attention_step_ref(q[:, t].double(), k[:, t].double(), v[:, t].double(),
+                                                slopes, state.double())
+        assert o.dtype == dtype and new.dtype == torch.float32
+        assert rel_err(o, ro) < TOL[dtype] and rel_err(new, rnew) < 1e-6
+        outs.append(o)
+        state = new
+    # Decoding token by token continues exactly what the chunked kernel computes over the prompt.
+    co, cht = chunk.chunk_lightning_attention(q, k, v, slopes, None, h0, True, chunk_size=16, block_chunks=1)
+    assert rel_err(torch.stack(outs, 1), co.double()) < TOL[dtype]
+    assert rel_err(state, cht) < (1e-5 if dtype == torch.float32 else TOL[dtype])
+
+
+@interpreted
+def test_triton_step_in_place():
+    q, k, v, h0, slopes = make_inputs(2, 1, 2, 16, 16, torch.float32, 2)
+    state = h0.clone()
+    o, new = fused_recurrent.fused_recurrent_lightning_step(q[:, 0], k[:, 0], v[:, 0], slopes, state, out_state=state)
+    ro, rnew = lightning_attention_step_ref(q[:, 0], k[:, 0], v[:, 0], slopes, h0)
+    assert new.data_ptr() == state.data_ptr()
+    assert rel_err(o, ro) < 1e-6 and rel_err(new, rnew) < 1e-6
+
+
+# ---- the references themselves (float64, no Triton) --------------------------------------------
+
+
+def test_reference_chunk_gradcheck():
+    q, k, v, h0, slopes = (x.double() if x is not None else None for x in make_inputs(1, 7, 2, 3, 4, torch.float64, 1))
+    inputs = [x.requires_grad_(True) for x in (q, k, v, h0)]
+
+    def f(q, k, v, h0):
+        return lightning_attention_chunk_ref(q, k, v, slopes, 0.7, h0, True, chunk_size=3)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("cu", [None, [0, 3, 3, 19, 24]])
+def test_references_chunked_recurrent_and_decode_agree(cu):
+    B = 2 if cu is None else 1
+    cu_t = None if cu is None else torch.tensor(cu)
+    n = B if cu is None else len(cu) - 1
+    q, k, v, h0, slopes = make_inputs(B, 24, 3, 5, 6, torch.float64, n)
+    slopes = slopes.double()
+    rec, rec_h = lightning_attention_recurrent_ref(q, k, v, slopes, None, h0, True, cu_t)
+    for C in (1, 4, 7, 64):
+        o, h = lightning_attention_chunk_ref(q, k, v, slopes, None, h0, True, cu_t, chunk_size=C)
+        torch.testing.assert_close(o, rec, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(h, rec_h, rtol=1e-10, atol=1e-10)
+    # Token-by-token decode with the step reference reproduces every output and the final states.
+    bounds = [(0, 24)] * B if cu is None else list(zip(cu[:-1], cu[1:]))
+    for i, (s, e) in enumerate(bounds):
+        b = i if cu is None else 0
+        state = h0[i : i + 1]
+        for t in range(s, e):
+            o_t, state = lightning_attention_step_ref(q[b : b + 1, t], k[b : b + 1, t], v[b : b + 1, t], slopes, state)
+            torch.testing.assert_close(o_t[0], rec[b, t], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(state[0], rec_h[i], rtol=1e-10, atol=1e-10)

@@ -1,0 +1,199 @@
+"""The megatron-core HypeNet model against transformers' Qwen3, across TP sizes, checkpoints and the HF export."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from helpers import perturb_norms, worker
+from megatron_hypenet import checkpoint, parallel
+from megatron_hypenet.config import config_from_description, make_config, model_description, read_model_description
+from megatron_hypenet.convert import hf_to_mcore, mcore_to_hf
+from megatron_hypenet.halo.init import init_student_from_teacher
+from megatron_hypenet.halo.stages import forward_hidden
+from megatron_hypenet.layers import query_scale
+from megatron_hypenet.losses import full_logits
+from megatron_hypenet.model import build_model
+from megatron_hypenet.tiny import save_random_qwen3
+
+VOCAB = 300  # padded to 384 inside Megatron: exercises the padding mask
+HYBRID = dict(layer_pattern="ALLA", attention_rope=False, attention_query_scale_base=16.0, lightning_short_conv=True)
+
+
+def _tokens(n=24, batch=2, seed=7):
+    return torch.randint(0, VOCAB, (batch, n + 1), generator=torch.Generator().manual_seed(seed))[:, :-1]
+
+
+def _build(desc, **overrides):
+    parallel.initialize(1, 1)
+    return build_model(config_from_description(desc, **overrides), desc["vocab_size"], desc["tie_word_embeddings"])
+
+
+def _load(root):
+    desc = read_model_description(checkpoint.resolve(root))
+    model = _build(desc)
+    checkpoint.load_checkpoint(root, model, desc, load_state=False)
+    return model.eval(), desc
+
+
+def _logits(model, x):
+    return full_logits(model, forward_hidden(model, x))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    hf = str(root / "qwen3")
+    save_random_qwen3(hf, seed=0, vocab_size=VOCAB, tie=False)
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    perturb_norms(model)
+    model.save_pretrained(hf)
+    parallel.initialize(1, 1)
+    hf_to_mcore(hf, str(root / "teacher"))
+
+    # A hybrid student with every Lightning option, initialised from the teacher, then made random.
+    teacher, t_desc = _load(str(root / "teacher"))
+    student = _build(t_desc, **HYBRID)
+    init_student_from_teacher(student, teacher)
+    perturb_norms(student, seed=1)
+    desc = model_description(student.config, VOCAB, False, t_desc["hf_extra"])
+    checkpoint.save_checkpoint(str(root / "hybrid"), 0, student, desc)
+    return root
+
+
+def test_teacher_logits_equal_transformers_tp1(work):
+    hf = AutoModelForCausalLM.from_pretrained(work / "qwen3").eval()
+    model, _ = _load(str(work / "teacher"))
+    x = _tokens()
+    with torch.no_grad():
+        ref = hf(x).logits
+    assert (_logits(model, x) - ref).abs().max() <= 1e-4
+
+
+def test_teacher_logits_equal_transformers_tp2(work):
+    hf = AutoModelForCausalLM.from_pretrained(work / "qwen3").eval()
+    out = worker(2, "logits", str(work / "teacher"), str(work / "tp2_logits.pt"), tp=2)
+    from dist_worker import SEQ, tokens
+
+    with torch.no_grad():
+        ref = hf(tokens(VOCAB)[:, :SEQ]).logits
+    assert (out["logits"] - ref).abs().max() <= 1e-4
+
+
+def test_hypenet_tp2_loss_and_grads_equal_tp1(work):
+    one = worker(1, "loss_grad", str(work / "hybrid"), str(work / "lg1.pt"), tp=1)
+    two = worker(2, "loss_grad", str(work / "hybrid"), str(work / "lg2.pt"), tp=2)
+    assert torch.isfinite(one["loss"]) and one["loss"] > 0
+    assert abs(float(one["loss"]) - float(two["loss"])) <= 1e-5
+    assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
+
+
+def test_checkpoint_saved_at_tp2_loads_at_tp1(work):
+    saved = worker(2, "save", str(work / "hybrid"), str(work / "resave.pt"), tp=2)["saved"]
+    original, _ = _load(str(work / "hybrid"))
+    resharded, _ = _load(saved)
+    x = _tokens()
+    assert torch.equal(_logits(original, x), _logits(resharded, x))
+
+
+def test_hf_round_trip_gives_transformers_logits(work):
+    out = str(work / "roundtrip")
+    mcore_to_hf(str(work / "teacher"), out, overwrite=True)
+    assert json.load(open(os.path.join(out, "config.json")))["model_type"] == "qwen3"
+    a = AutoModelForCausalLM.from_pretrained(work / "qwen3").eval()
+    b = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = _tokens()
+    with torch.no_grad():
+        assert (a(x).logits - b(x).logits).abs().max() <= 1e-4
+
+
+def test_hf_export_generate_equals_megatron_greedy(work):
+    out = str(work / "hybrid_hf")
+    mcore_to_hf(str(work / "hybrid"), out, overwrite=True)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    model, _ = _load(str(work / "hybrid"))
+    prompt = _tokens(n=9, batch=1)
+    with torch.no_grad():
+        assert (hf(prompt).logits - _logits(model, prompt)).abs().max() <= 1e-4
+        generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    seq = prompt
+    for _ in range(12):  # greedy decoding with the Megatron forward, no cache
+        seq = torch.cat([seq, _logits(model, seq)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, seq)
+
+
+def test_hype_query_scale_formula():
+    pos = torch.arange(6)
+    assert torch.allclose(query_scale(pos, 256.0), torch.log(pos + 256.0) / math.log(256.0))
+    assert query_scale(pos, 256.0)[0] == 1 and torch.all(query_scale(pos, 256.0).diff() > 0)
+
+
+def test_hype_attention_layer_scales_queries(work):
+    """One Megatron attention mixer against a hand-written NoPE attention with q_i * log(i+a)/log(a)."""
+    model, desc = _load(str(work / "hybrid"))
+    mixer = model.decoder.layers[0].self_attention
+    H, G, D = desc["num_attention_heads"], desc["num_query_groups"], desc["kv_channels"]
+    x = torch.randn(10, 1, desc["hidden_size"], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y, _ = mixer(x)
+        from megatron_hypenet.qwen3_mapping import split_qkv_grouped
+
+        wq, wk, wv = split_qkv_grouped(mixer.linear_qkv.weight, H, G, D)
+        rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + desc["layernorm_epsilon"]) * w  # noqa: E731
+        q = rms((x[:, 0] @ wq.t()).view(10, H, D), mixer.q_layernorm.weight)
+        k = rms((x[:, 0] @ wk.t()).view(10, G, D), mixer.k_layernorm.weight).repeat_interleave(H // G, 1)
+        v = (x[:, 0] @ wv.t()).view(10, G, D).repeat_interleave(H // G, 1)
+        a = HYBRID["attention_query_scale_base"]
+        q = q * (torch.log(torch.arange(10.0) + a) / math.log(a))[:, None, None]
+        scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(10, 10).triu(1).bool(), float("-inf"))
+        o = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v).reshape(10, H * D)
+        ref = o @ mixer.linear_proj.weight.t()
+    assert (y[:, 0] - ref).abs().max() <= 1e-5
+
+
+# ---- clear errors -----------------------------------------------------------------------------
+
+def test_wrong_pattern_length_is_refused():
+    with pytest.raises(ValueError, match="layer_pattern has 3 characters but the model has 4 layers"):
+        make_config(num_layers=4, hidden_size=64, num_attention_heads=4, layer_pattern="ALL")
+    with pytest.raises(ValueError, match="only contain 'A' and 'L'"):
+        make_config(num_layers=2, hidden_size=64, num_attention_heads=4, layer_pattern="AX")
+
+
+def test_mismatched_checkpoint_is_refused(work):
+    teacher, t_desc = _load(str(work / "teacher"))
+    with pytest.raises(checkpoint.CheckpointError, match="layer_pattern"):
+        checkpoint.load_checkpoint(str(work / "hybrid"), teacher, t_desc)
+
+
+def test_missing_files_are_reported(work, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf_to_mcore(str(tmp_path / "nope"), str(tmp_path / "out"))
+    empty = tmp_path / "empty_hf"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        hf_to_mcore(str(empty), str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.resolve(str(tmp_path / "no_ckpt"))
+    partial = tmp_path / "partial"
+    shutil.copytree(work / "teacher", partial)
+    os.remove(partial / "iter_0000000" / "metadata.json")  # as a killed save would leave it
+    with pytest.raises(checkpoint.CheckpointError, match="partial save"):
+        checkpoint.resolve(str(partial))
+
+
+def test_hf_folder_missing_a_tensor_is_refused(work, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(work / "qwen3", broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks 1 tensors"):
+        hf_to_mcore(str(broken), str(tmp_path / "out"))

@@ -1,0 +1,32 @@
+"""Run a whole HALO recipe (teacher -> align -> select -> distill -> finetune -> HF export) in one command.
+
+    python tools/halo.py --recipe examples/tiny.yaml [--work-dir runs/tiny]
+    torchrun --nproc-per-node 8 tools/halo.py --recipe examples/qwen3_1p7b.yaml
+
+Re-running the same command continues where it stopped: finished stages are skipped and an
+interrupted stage resumes from its latest checkpoint.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help="recipe YAML (see examples/)")
+    parser.add_argument("--work-dir", help="overrides the recipe's work_dir")
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.recipe):
+        parser.error(f"--recipe {args.recipe}: file not found")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_hypenet.recipe import run_recipe
+
+    return run_recipe(args.recipe, args.work_dir)
+
+
+if __name__ == "__main__":
+    main()
