@@ -107,19 +107,26 @@ def set_rng_state(state: dict) -> None:
 # ---- logging ----------------------------------------------------------------------------------
 
 class MetricsLogger:
-    """metrics.jsonl (always), TensorBoard, and wandb (offline by default) on rank 0."""
+    """metrics.jsonl (always), TensorBoard, and wandb (offline by default) on rank 0.
 
-    def __init__(self, args):
+    A run that starts at iteration `start` first drops the rows after it: they are from a killed run's
+    steps past its last checkpoint, which this run repeats.
+    """
+
+    def __init__(self, args, start: int = 0):
         self.enabled = parallel.is_rank0() and args.save
         self.jsonl = self.tb = self.wandb = None
         if not self.enabled:
             return
         os.makedirs(args.save, exist_ok=True)
-        self.jsonl = open(os.path.join(args.save, "metrics.jsonl"), "a")
+        path = os.path.join(args.save, "metrics.jsonl")
+        truncate_metrics(path, start)
+        self.jsonl = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(args.tensorboard_dir or os.path.join(args.save, "tensorboard"))
+            self.tb = SummaryWriter(args.tensorboard_dir or os.path.join(args.save, "tensorboard"),
+                                    purge_step=start + 1 if start else None)
         except ImportError:
             log.warning("tensorboard is not installed; TensorBoard logging is off")
         if args.wandb_project and args.wandb_mode != "disabled":
@@ -149,6 +156,39 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+def truncate_metrics(path: str, last_iteration: int) -> None:
+    """Keeps the rows of iterations <= last_iteration (and drops a row cut short by a kill)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("iteration", 0) <= last_iteration:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def check_tokenizer(tokenizer_dir: str, desc: dict) -> None:
+    """The tokenizer must be the model's: ids it produces (and the EOD between documents) index the embedding."""
+    from .data import eod_token_id, load_tokenizer
+
+    tokenizer, vocab = load_tokenizer(tokenizer_dir), desc["vocab_size"]
+    eod = eod_token_id(tokenizer)
+    if len(tokenizer) > vocab or not 0 <= eod < vocab:
+        raise ValueError(
+            f"tokenizer {tokenizer_dir} has {len(tokenizer)} tokens (end-of-document id {eod}) but the model has "
+            f"vocab_size {vocab}: it is not this teacher's tokenizer. Pass the teacher's HF folder with --tokenizer "
+            f"(or leave --tokenizer out to use the one stored with the checkpoint) and preprocess --data-path with it")
+
+
 def memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -158,12 +198,31 @@ def memory_gb() -> float:
 
 
 class PreemptionFlag:
-    """SIGTERM / SIGUSR1 (Slurm's warning before a kill) ask for a checkpoint and a clean exit."""
+    """SIGTERM / SIGUSR1 (Slurm's warning before a kill) ask for a checkpoint and a clean exit (code 0).
+
+    The flag is checked after every iteration, so the exit comes at most one iteration and one save
+    after the signal. dist_checkpointing saves through a helper process it spawns once; it is started
+    here with the signals ignored (which it inherits), so a signal sent to the whole process group
+    (Slurm does that) cannot kill it before the final save.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.SIGNALS}
+        try:
+            from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+            _get_write_results_queue()
+        except ImportError:  # another megatron-core layout: it is then started by the first save
+            pass
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         log.warning("received signal %s: saving a checkpoint and exiting", signum)
@@ -179,6 +238,14 @@ class PreemptionFlag:
 # ---- the loop ---------------------------------------------------------------------------------
 
 def train(args) -> dict:
+    preempt = PreemptionFlag()  # first: a signal during start-up must not kill the job either
+    try:
+        return _train(args, preempt)
+    finally:
+        preempt.restore()
+
+
+def _train(args, preempt: PreemptionFlag) -> dict:
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.context_parallel_size, seed=args.seed)
     if args.pipeline_model_parallel_size > 1:
@@ -199,8 +266,17 @@ def train(args) -> dict:
     optimizer = torch.optim.AdamW(stage.trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
 
+    # Check the tokenizer and the data before anything in --save is touched.
+    tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))
+    if tokenizer_dir is None:
+        raise FileNotFoundError("no tokenizer: pass --tokenizer DIR (the teacher's HF folder)")
+    check_tokenizer(tokenizer_dir, stage.desc)
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, args.seq_length, args.seed, args.train_iters * global_batch,
+        valid_samples=max(1, args.eval_iters * args.micro_batch_size), tokenizer_dir=tokenizer_dir, split=args.split)
+
     # Resume from --save (same stage) or initialise from --load/--teacher.
-    start, consumed = 0, 0
+    start, consumed, bad_steps = 0, 0, 0
     resume = args.save and not args.no_resume and checkpoint.latest_iteration(args.save) is not None
     if resume:
         path, state = checkpoint.load_checkpoint(args.save, student, stage.desc, optimizer, iteration=args.ckpt_step)
@@ -208,28 +284,22 @@ def train(args) -> dict:
             raise checkpoint.CheckpointError(
                 f"{path} holds stage {state and state.get('stage')!r}, not {args.stage!r}: give each stage its "
                 f"own --save folder (pass the previous stage's with --load), or --no-resume")
-        start, consumed = state["iteration"], state["consumed_samples"]
+        start, consumed, bad_steps = state["iteration"], state["consumed_samples"], state.get("bad_steps", 0)
         set_rng_state(state["rng"])
         log.info("resumed %s at iteration %d from %s", args.stage, start, path)
     else:
         stage.initialise()
     if args.save:
+        for stale in checkpoint.remove_partial_saves(args.save):
+            log.warning("removed %s, left by an interrupted save", stale)
         save_resolved(args, args.save)
-
-    tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))
-    if tokenizer_dir is None:
-        raise FileNotFoundError("no tokenizer: pass --tokenizer DIR (the teacher's HF folder)")
-    if args.save and parallel.is_rank0():  # checkpoints carry their tokenizer to the next stage and the export
-        copy_tokenizer(tokenizer_dir, os.path.join(args.save, TOKENIZER_DIR))
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        args.data_path, args.seq_length, args.seed, args.train_iters * global_batch,
-        valid_samples=max(1, args.eval_iters * args.micro_batch_size), tokenizer_dir=tokenizer_dir, split=args.split)
+        if parallel.is_rank0():  # checkpoints carry their tokenizer to the next stage and the export
+            copy_tokenizer(tokenizer_dir, os.path.join(args.save, TOKENIZER_DIR))
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = iter(make_dataloader(train_ds, args.micro_batch_size, consumed, args.seed, dp_rank, dp_size))
 
-    metrics_log = MetricsLogger(args)
-    preempt = PreemptionFlag()
-    bad_steps, last_loss = 0, float("nan")
+    metrics_log = MetricsLogger(args, start)
+    last_loss, stopped = float("nan"), False
     tokens_per_iter = global_batch * args.seq_length
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     bar = tqdm(range(start, args.train_iters), desc=args.stage, initial=start, total=args.train_iters,
@@ -251,38 +321,47 @@ def train(args) -> dict:
         consumed += global_batch
         sync_grads(student)
         grad_norm = clip_grad_norm(stage.trainable, args.clip_grad)
-        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+        if finite:
             optimizer.step()
             bad_steps = 0
             last_loss = loss_sum
         else:
             bad_steps += 1
-            log.warning("iteration %d: loss %s, grad norm %s is not finite; step skipped", it, loss_sum, grad_norm)
-            if args.nan_policy == "stop" or bad_steps >= args.max_skipped_iters:
-                raise FloatingPointError(f"non-finite loss/gradients at iteration {it} ({bad_steps} in a row); "
-                                         f"lower --lr or check the data. Last good checkpoint: {args.save}")
+            log.warning("iteration %d: loss %s, grad norm %s is not finite; step skipped", it + 1, loss_sum, grad_norm)
         dt = time.time() - t0
         metrics = {"loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_iter / dt, "memory_gb": memory_gb(), "consumed_samples": consumed,
-                   "skipped": bad_steps > 0}
+                   "skipped": not finite}
         if args.eval_interval and (it + 1) % args.eval_interval == 0:
             metrics["valid_loss"] = evaluate(stage, valid_ds, args, device, autocast)
         metrics_log.log(it + 1, metrics)
+        if not finite and (args.nan_policy == "stop" or bad_steps >= args.max_skipped_iters):
+            metrics_log.close()
+            last = checkpoint.latest_iteration(args.save) if args.save else None
+            raise FloatingPointError(
+                f"non-finite loss/gradients at iteration {it + 1} ({bad_steps} in a row, --nan-policy "
+                f"{args.nan_policy}, --max-skipped-iters {args.max_skipped_iters}); lower --lr or --clip-grad, "
+                f"or check the data near consumed sample {consumed - global_batch}. Last good checkpoint: "
+                f"iteration {last} in {args.save}")
         bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{metrics['lr']:.2e}")
         if (it + 1) % args.log_interval == 0 and parallel.is_rank0() and args.no_progress:
             log.info("%s it %d | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s", args.stage, it + 1, loss_sum,
                      metrics["lr"], grad_norm, metrics["tokens_per_s"])
         done = it + 1 == args.train_iters
-        stop = preempt.any_rank()
-        if args.save and (done or stop or (args.save_interval and (it + 1) % args.save_interval == 0)):
-            state = {"stage": args.stage, "iteration": it + 1, "consumed_samples": consumed, "rng": rng_state()}
+        stopped = preempt.any_rank()
+        if args.save and (done or stopped or (args.save_interval and (it + 1) % args.save_interval == 0)):
+            state = {"stage": args.stage, "iteration": it + 1, "consumed_samples": consumed, "rng": rng_state(),
+                     "bad_steps": bad_steps}
             checkpoint.save_checkpoint(args.save, it + 1, student, stage.desc, optimizer, state, args.keep_last)
-        if stop:
+        if stopped:
             log.warning("stopped at iteration %d after a checkpoint (pre-emption)", it + 1)
             break
     metrics_log.close()
     summary = {"stage": args.stage, "iterations": it + 1 if args.train_iters > start else start, "loss": last_loss}
-    if valid_ds is not None and len(valid_ds) > 0:
+    if stopped:
+        summary["preempted"] = True  # no final evaluation: the job is about to be killed
+    elif valid_ds is not None and len(valid_ds) > 0:
         summary["valid_loss"] = evaluate(stage, valid_ds, args, device, autocast)
     return summary
 

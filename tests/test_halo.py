@@ -19,13 +19,13 @@ RECIPE = {
     "make_tiny_teacher": {"tokenizer_vocab_size": 400, "hidden_size": 64, "num_layers": 4, "heads": 4,
                           "kv_heads": 2, "head_dim": 16, "ffn": 128, "tie": True},
     "data": {"generate_corpus": {"num_docs": 400, "seed": 0}},
-    "common": {"seq_length": 96, "micro_batch_size": 4, "split": "90,10,0", "no_progress": True},
+    "common": {"seq_length": 128, "micro_batch_size": 4, "split": "90,10,0", "no_progress": True},
     "stages": {
         "pretrain": {"train_iters": 30, "lr": 3.0e-3, "lr_decay_style": "constant"},
         "align": {"train_iters": 20, "lr": 3.0e-3, "lr_decay_style": "constant"},
         "select": {"num_attention_layers": 1, "select_examples": 2},
         "distill": {"train_iters": 20, "lr": 2.0e-3, "lr_decay_style": "constant"},
-        "finetune": {"train_iters": 15, "lr": 1.0e-3, "seq_length": 192, "micro_batch_size": 2,
+        "finetune": {"train_iters": 15, "lr": 1.0e-3, "seq_length": 256, "micro_batch_size": 2,
                      "lr_decay_style": "constant", "save_interval": 5},
     },
     "eval": {"needle_multipliers": [1, 4], "needle_examples": 2, "loss_samples": 4},
@@ -98,7 +98,8 @@ def test_selection_follows_the_importance_formula():
     assert choose_attention_layers(imp, 2) == [1, 3]
     assert choose_attention_layers(imp, 1) == [3]
     assert pattern_with_attention(4, [1, 3]) == "LALA"
-    assert choose_attention_layers([1.0, 1.0, 0.0], 1) == [0]  # ties go to the earlier layer
+    assert choose_attention_layers([1.0, 1.0, 0.0], 1) == [0]  # ties go to the earlier layer...
+    assert choose_attention_layers([0.0, 0.0, 0.0], 1, general=[-1.0, -1.2, -1.1]) == [1]  # ...after the general drop
     with pytest.raises(ValueError, match="cannot keep 5 attention layers out of 4"):
         choose_attention_layers(imp, 5)
     assert default_num_attention_layers(28) == 4 and default_num_attention_layers(4) == 1

@@ -36,11 +36,13 @@ def importance_scores(recall: Sequence[float], general: Sequence[float], eps: fl
     return [min((best_r - r) / (best_g - g + eps), clip) for r, g in zip(recall, general)]
 
 
-def choose_attention_layers(importance: Sequence[float], k: int) -> List[int]:
-    """The k most important layers (ties go to the earlier layer), in layer order."""
+def choose_attention_layers(importance: Sequence[float], k: int, general: Sequence[float] = None) -> List[int]:
+    """The k most important layers, in layer order. Ties (e.g. every recall 0 on a weak teacher) go to the
+    layer whose swap hurts the general score most, then to the earlier layer."""
     if not 0 < k <= len(importance):
         raise ValueError(f"cannot keep {k} attention layers out of {len(importance)}")
-    order = sorted(range(len(importance)), key=lambda i: (-importance[i], i))
+    general = general or [0.0] * len(importance)
+    order = sorted(range(len(importance)), key=lambda i: (-importance[i], general[i], i))
     return sorted(order[:k])
 
 
@@ -93,7 +95,7 @@ def run_select(args) -> dict:
     importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows])
     for row, imp in zip(rows, importance):
         row["importance"] = imp
-    chosen = choose_attention_layers(importance, k)
+    chosen = choose_attention_layers(importance, k, [r["general"] for r in rows])
     pattern = pattern_with_attention(n, chosen)
     result = {"layer_pattern": pattern, "attention_layers": chosen, "teacher_recall": teacher_recall,
               "teacher_general": teacher_general, "lengths": lengths, "layers": rows}
