@@ -81,9 +81,100 @@ def query_scale(positions: torch.Tensor, base: float) -> torch.Tensor:
     return torch.log(positions.float() + base) / math.log(base)
 
 
+class _AllGatherStack(torch.autograd.Function):
+    """all_gather into a stacked [world, ...] tensor; backward sums every rank's gradient for this rank's
+    piece (reduce-scatter). torch.distributed.nn's all_gather loses cross-rank gradients on gloo."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty((group.size() * x.shape[0], *x.shape[1:]))  # gloo wants the pieces end to end
+        torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out.view(group.size(), *x.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if torch.distributed.get_backend(ctx.group) == "gloo":  # gloo has no reduce-scatter
+            torch.distributed.all_reduce(grad, group=ctx.group)
+            return grad[ctx.group.rank()], None
+        out = grad.new_empty(grad.shape[1:])
+        torch.distributed.reduce_scatter_tensor(out, grad.flatten(0, 1), group=ctx.group)
+        return out, None
+
+
+def gather_stack(x: torch.Tensor, group) -> torch.Tensor:
+    return _AllGatherStack.apply(x, group)
+
+
+def _cp_group():
+    """The context-parallel group when the sequence is split over ranks, else None."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
 def sequence_positions(seq_len: int, device) -> torch.Tensor:
-    """Absolute positions of this rank's tokens (context parallelism shifts them; see parallel.py)."""
-    return torch.arange(seq_len, device=device)
+    """Absolute positions of this rank's tokens: context parallel ranks hold consecutive chunks."""
+    group = _cp_group()
+    start = 0 if group is None else group.rank() * seq_len
+    return torch.arange(start, start + seq_len, device=device)
+
+
+def cp_attention(q, k, v, scale):
+    """Causal attention [b, h, s, d] over a sequence split into consecutive chunks across the CP group:
+    keys/values are all-gathered (autograd-aware) and each rank's queries see keys up to their position."""
+    group = _cp_group()
+    if group is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    s = q.shape[2]
+    # One collective for k and v: two independent ones could run their backwards in different orders on
+    # different ranks and exchange each other's gradients.
+    kv = gather_stack(torch.stack([k, v]), group)  # [cp, 2, b, h, s, d]
+    k, v = (torch.cat(kv[:, i].unbind(0), dim=2) for i in range(2))
+    q_pos = torch.arange(s, device=q.device) + group.rank() * s
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] <= q_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def cp_lightning_attention(q, k, v, slopes, scale):
+    """Lightning Attention over consecutive sequence chunks on the CP group, [b, t, h, d].
+
+    Each rank runs its chunk from a zero state and shares its final state; the state entering chunk r is
+    the decay-weighted prefix of the earlier chunks' states, and its contribution to the outputs,
+    scale * exp(-m (t+1)) q_t S_in, is added. Exact: the recurrence is linear in the initial state.
+    """
+    group = _cp_group()
+    o, final = lightning_attention(q, k, v, slopes, scale=scale, output_final_state=group is not None)
+    if group is None:
+        return o
+    states = gather_stack(final, group)  # [cp, b, h, dk, dv]
+    t, rank = q.shape[1], group.rank()
+    m = slopes.to(final.dtype)  # fp32 state (fp64 in the float64 reference tests)
+    # S_in = sum_{j<rank} exp(-m t (rank-1-j)) S_j. Later ranks get weight 0 rather than being left out:
+    # every rank must use every gathered state, or the all-gather's backward runs on some ranks only.
+    hops = (rank - 1 - torch.arange(states.shape[0], device=q.device)).float()
+    weights = torch.exp(-m[None, :] * t * hops.clamp(min=0)[:, None]) * (hops >= 0)[:, None]
+    s_in = (weights[:, None, :, None, None] * states).sum(0)
+    decay = torch.exp(-m[None, :] * torch.arange(1, t + 1, device=q.device, dtype=m.dtype)[:, None])
+    q_decayed = q.to(m.dtype) * decay[None, :, :, None]
+    return (o.to(m.dtype) + scale * torch.einsum("bthk,bhkv->bthv", q_decayed, s_in)).to(o.dtype)
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Causal depthwise conv over time; x [s, b, c], weight [c, 1, K]. Under context parallelism the
+    window reaches back into the previous rank's chunk, so its last K-1 inputs replace the zero padding."""
+    K = weight.shape[-1]
+    group = _cp_group()
+    if group is None:
+        history = x.new_zeros(K - 1, *x.shape[1:])
+    else:
+        tails = gather_stack(x[-(K - 1):], group)
+        # a one-hot pick keeps every gathered tail in the graph (see cp_lightning_attention)
+        pick = torch.arange(tails.shape[0], device=x.device) == group.rank() - 1
+        history = (pick.to(x.dtype)[:, None, None, None] * tails).sum(0)
+    y = F.conv1d(torch.cat([history, x]).permute(1, 2, 0), weight, groups=x.shape[-1])
+    return y.permute(2, 0, 1)
 
 
 @dataclass
@@ -165,7 +256,7 @@ class HypeNetAttention(_Mixer):
         q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
+        o = cp_attention(q, k, v, self.head_dim**-0.5)
         o = o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
         return self.linear_proj(o)
 
@@ -223,12 +314,6 @@ class LightningAttention(_Mixer):
             K = config.lightning_conv_size
             self.q_conv, self.k_conv, self.v_conv = (_ShardedVector(config, (local, 1, K), _identity_conv) for _ in range(3))
 
-    def _conv(self, x, conv):
-        """Causal depthwise conv over time; x [s, b, c]."""
-        K = conv.weight.shape[-1]
-        y = F.conv1d(F.pad(x.permute(1, 2, 0), (K - 1, 0)), conv.weight, groups=x.shape[-1])
-        return y.permute(2, 0, 1)
-
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         b = hidden_states.shape[1]
         qkv, _ = self.linear_qkv(hidden_states)
@@ -237,18 +322,15 @@ class LightningAttention(_Mixer):
         qkv = qkv.view(s, b, H, 3, D)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         if self.config.lightning_short_conv:
-            q, k, v = (
-                self._conv(x.reshape(s, b, H * D), conv).view(s, b, H, D)
-                for x, conv in ((q, self.q_conv), (k, self.k_conv), (v, self.v_conv))
-            )
+            weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+            x = torch.cat([t.reshape(s, b, H * D) for t in (q, k, v)], -1)  # channels [q; k; v] like `weight`
+            q, k, v = causal_conv(x, weight).view(s, b, 3, H, D).unbind(2)
         if self.config.lightning_qk_norm:
             q, k = self._qk_norm(q, k)
         if self.config.lightning_rope:
             cos, sin = rope_cos_sin(sequence_positions(s, q.device), D, self.config.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o, _ = lightning_attention(
-            *(x.transpose(0, 1) for x in (q, k, v)), self.slopes, scale=self.scale
-        )
+        o = cp_lightning_attention(*(x.transpose(0, 1) for x in (q, k, v)), self.slopes, self.scale)
         o = o.transpose(0, 1).reshape(s, b, H * D)
         if self.config.lightning_output_norm:
             group = self.tp_group if self.tp_size > 1 else None

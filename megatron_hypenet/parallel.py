@@ -85,3 +85,13 @@ def destroy() -> None:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def context_parallel_chunk(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """This rank's consecutive chunk of the sequence (dim) under context parallelism."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return x
+    if x.shape[dim] % cp:
+        raise ValueError(f"sequence length {x.shape[dim]} is not divisible by context parallel size {cp}")
+    return x.chunk(cp, dim=dim)[parallel_state.get_context_parallel_rank()]

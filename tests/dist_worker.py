@@ -1,7 +1,7 @@
 """Worker run under `torchrun` (gloo on CPU) by the tests: builds a model at the given TP size,
 loads a checkpoint and writes what the test compares to OUT (rank 0 only).
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py MODE CKPT OUT [TP]
+    torchrun --nproc-per-node 2 tests/dist_worker.py MODE CKPT OUT [TP [CP]]
 """
 
 import os
@@ -10,6 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+
+from megatron.core import parallel_state  # noqa: E402
 
 from megatron_hypenet import checkpoint, parallel  # noqa: E402
 from megatron_hypenet.config import config_from_description, read_model_description  # noqa: E402
@@ -25,14 +27,14 @@ def tokens(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
 
 
-def main(mode: str, ckpt: str, out: str, tp: int) -> None:
-    parallel.initialize(tp, 1)
+def main(mode: str, ckpt: str, out: str, tp: int, cp: int = 1) -> None:
+    parallel.initialize(tp, 1, cp)
     desc = read_model_description(checkpoint.resolve(ckpt))
     model = build_model(config_from_description(desc, tensor_model_parallel_size=tp), desc["vocab_size"],
                         desc["tie_word_embeddings"])
     checkpoint.load_checkpoint(ckpt, model, desc, load_state=False)
     x = tokens(desc["vocab_size"])
-    inputs, labels = x[:, :-1], x[:, 1:]
+    inputs, labels = (parallel.context_parallel_chunk(t) for t in (x[:, :-1], x[:, 1:]))
     if mode == "logits":
         model.eval()
         result = {"logits": full_logits(model, forward_hidden(model, inputs))}
@@ -44,7 +46,12 @@ def main(mode: str, ckpt: str, out: str, tp: int) -> None:
         from megatron_hypenet.training import clip_grad_norm, sync_grads
 
         sync_grads(model)
-        result = {"loss": loss.detach(), "grad_norm": torch.tensor(clip_grad_norm(list(model.parameters()), 0.0))}
+        loss = loss.detach()
+        if cp > 1:  # each rank's loss is the mean over its chunk: the sequence's loss is their mean
+            torch.distributed.all_reduce(loss, group=parallel_state.get_context_parallel_group())
+            loss /= cp
+        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
+        result = {"loss": loss, "grads": grads, "grad_norm": torch.tensor(clip_grad_norm(list(model.parameters()), 0.0))}
     elif mode == "save":
         save_root = out + ".ckpt"
         checkpoint.save_checkpoint(save_root, 3, model, desc)
@@ -57,4 +64,4 @@ def main(mode: str, ckpt: str, out: str, tp: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    main(sys.argv[1], sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))

@@ -21,8 +21,8 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 300) -> subprocess.C
     return proc
 
 
-def worker(nproc: int, mode: str, ckpt: str, out: str, tp: int) -> dict:
-    torchrun(nproc, WORKER, mode, ckpt, out, tp)
+def worker(nproc: int, mode: str, ckpt: str, out: str, tp: int, cp: int = 1) -> dict:
+    torchrun(nproc, WORKER, mode, ckpt, out, tp, cp)
     return torch.load(out, weights_only=False)
 
 

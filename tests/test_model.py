@@ -92,6 +92,14 @@ def test_hypenet_tp2_loss_and_grads_equal_tp1(work):
     assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
 
 
+def test_hypenet_cp2_loss_and_grads_equal_cp1(work):
+    """Context parallel: Lightning states passed across ranks, attention over gathered K/V, conv halos."""
+    one = worker(1, "loss_grad", str(work / "hybrid"), str(work / "cp1.pt"), tp=1)
+    two = worker(2, "loss_grad", str(work / "hybrid"), str(work / "cp2.pt"), tp=1, cp=2)
+    assert abs(float(one["loss"]) - float(two["loss"])) <= 1e-5
+    assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
+
+
 def test_checkpoint_saved_at_tp2_loads_at_tp1(work):
     saved = worker(2, "save", str(work / "hybrid"), str(work / "resave.pt"), tp=2)["saved"]
     original, _ = _load(str(work / "hybrid"))

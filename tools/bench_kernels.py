@@ -30,7 +30,7 @@ CHUNK = 64
 
 
 def bench(fn, grad_to_none=None):
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=30, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
 def ceilings():
@@ -68,16 +68,19 @@ def sdpa_flops(T, bwd):
 class Table:
     def __init__(self, bw, rate):
         self.bw, self.rate, self.rows = bw, rate, []
+        self.on_row = lambda: None
 
     def add(self, T, impl, what, ms, flops, nbytes, sdpa_ms=None, note=""):
         if ms is None:
             self.rows.append(f"| {T} | {impl} | {what} | n/a | | | | | | {note} |")
+            self.on_row()
             return
-        floor = max(flops / self.rate / 1e9, nbytes / self.bw / 1e9)
+        floor = max(flops / self.rate / 1e9, nbytes / self.bw / 1e6)  # ms: TFLOP/s and GB/s
         vs = f"{sdpa_ms / ms:.1f}x" if sdpa_ms else ""
         self.rows.append(f"| {T} | {impl} | {what} | {ms:.3f} | {flops / ms / 1e9:.0f} | {nbytes / ms / 1e6:.0f} | "
                          f"{floor:.3f} | {ms / floor:.2f} | {vs} | {note} |")
         print(self.rows[-1], flush=True)
+        self.on_row()
 
     def markdown(self):
         head = ("| T | impl | pass | ms | TFLOP/s | GB/s | floor ms | x floor | SDPA time / this | note |\n"
@@ -111,7 +114,7 @@ def time_parts(T, cfg):
     c.update(cfg)
     q, k, v, do = (rand(B * T, H, D) for _ in range(4))
     slopes = lightning_slopes(H).cuda()
-    plan = lchunk._Plan(B, T, None, q.device, c["chunk_size"] * c["block_chunks"])
+    plan = lchunk._make_plan(B, T, None, q.device, c["chunk_size"] * c["block_chunks"])
     scale = D**-0.5
     scan = bench(lambda: lchunk._scan(k, v, slopes, None, 1.0, plan, c, False, False))
     fwd = bench(lambda: lchunk._forward(q, k, v, slopes, scale, None, False, plan, c))
@@ -161,7 +164,7 @@ def time_fla(T, which):
     return fwd, both, note
 
 
-def time_step(batch, bw):
+def time_step(batch):
     """Decode step; input sets rotate so that at least ~200 MB is touched (no L2 hits)."""
     per_call = batch * H * D * D * 4 * 2
     n_sets = max(1, min(64, -(-200_000_000 // per_call)))
@@ -184,6 +187,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--fla-ops", default="chunk_simple_gla,chunk_gla")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time tuning variants at T=64K")
     ap.add_argument("--lengths", default="4096,16384,65536,131072")
@@ -202,7 +206,26 @@ def main():
     print("\n".join(lines), flush=True)
     table = Table(bw * 1e3, rate)  # GB/s and TFLOP/s
 
-    for T in (int(t) for t in args.lengths.split(",")):
+    step_rows, sweep_rows = [], []
+
+    def report():
+        """The whole markdown so far; rewritten to --out after every row, so a run cut short
+        still leaves its numbers."""
+        text = "\n".join(lines + [table.markdown()]
+                         + (["", "Decode step (B x H=16 x 128 x 128 fp32 state, read + written):", ""] + step_rows
+                            if step_rows else [])
+                         + (["", "Tuning sweep at T=65536 (default config "
+                             f"{lchunk._default_config(65536, H, torch.device('cuda'))}):", ""] + sweep_rows
+                            if sweep_rows else []))
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    table.on_row = report
+    lengths = [int(t) for t in args.lengths.split(",")]
+    sdpa = {}
+    for T in lengths:
         sf = sb = None
         if not args.no_sdpa:
             try:
@@ -212,38 +235,41 @@ def main():
             except Exception as e:  # noqa: BLE001
                 table.add(T, "SDPA flash", "fwd", None, 0, 0, note=f"{type(e).__name__}: {str(e)[:80]}")
             torch.cuda.empty_cache()
+        sdpa[T] = (sf, sb)
         of, ob = time_ours(T)
         table.add(T, "ours (Triton)", "fwd", of, lightning_flops(T, False), lightning_bytes(T, False), sf)
         table.add(T, "ours (Triton)", "fwd+bwd", ob, lightning_flops(T, True), lightning_bytes(T, True), sb)
         torch.cuda.empty_cache()
-        if not args.no_fla:
-            for which in ("chunk_simple_gla", "chunk_gla"):
-                try:
-                    ff, fb, note = time_fla(T, which)
-                    table.add(T, f"fla {which}", "fwd", ff, lightning_flops(T, False), lightning_bytes(T, False), sf)
-                    table.add(T, f"fla {which}", "fwd+bwd", fb, lightning_flops(T, True), lightning_bytes(T, True),
-                              sb, note=note)
-                except Exception as e:  # noqa: BLE001
-                    table.add(T, f"fla {which}", "fwd", None, 0, 0,
-                              note=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
-                torch.cuda.empty_cache()
 
-    step_rows = ["| batch | ms | GB/s | % of copy bandwidth |", "| --- | --- | --- | --- |"]
+    step_rows += ["| batch | ms | GB/s | % of copy bandwidth |", "| --- | --- | --- | --- |"]
     for batch in (1, 8, 64, 256):
-        ms, nbytes = time_step(batch, bw)
+        ms, nbytes = time_step(batch)
         gbs = nbytes / ms / 1e6
         step_rows.append(f"| {batch} | {ms:.4f} | {gbs:.0f} | {100 * gbs / (bw * 1e3):.0f}% |")
         print(step_rows[-1], flush=True)
+        report()
 
-    sweep_rows = []
+    # fla last: its autotuning takes minutes on first use.
+    for T in [] if args.no_fla else lengths:
+        sf, sb = sdpa[T]
+        for which in args.fla_ops.split(","):
+            try:
+                ff, fb, note = time_fla(T, which)
+                table.add(T, f"fla {which}", "fwd", ff, lightning_flops(T, False), lightning_bytes(T, False), sf)
+                table.add(T, f"fla {which}", "fwd+bwd", fb, lightning_flops(T, True), lightning_bytes(T, True),
+                          sb, note=note)
+            except Exception as e:  # noqa: BLE001
+                table.add(T, f"fla {which}", "fwd", None, 0, 0,
+                          note=f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+            torch.cuda.empty_cache()
+
     if args.sweep:
-        sweep_rows = ["| config | scan ms | fwd kernel ms | backward ms (G scan + bwd kernel) |", "| --- | --- | --- | --- |"]
+        sweep_rows += ["| config | scan ms | fwd kernel ms | backward ms (G scan + bwd kernel) |", "| --- | --- | --- | --- |"]
         variants = [
             {},
-            dict(block_chunks=4), dict(block_chunks=8),
-            dict(num_warps=8), dict(value_tile=128, num_warps=8),
-            dict(num_stages=1), dict(num_stages=3),
-            dict(scan_chunk=64), dict(scan_chunk=256, scan_warps=8),
+            dict(block_chunks=4), dict(block_chunks=16),
+            dict(bwd_stages=2), dict(value_tile=128, num_warps=8, bwd_stages=2),
+            dict(scan_stages=3), dict(scan_chunk=64), dict(scan_chunk=256, scan_warps=8),
             dict(scan_tile=128, scan_warps=8), dict(scan_tile=32),
         ]
         for var in variants:
@@ -253,15 +279,9 @@ def main():
             except Exception as e:  # noqa: BLE001
                 sweep_rows.append(f"| {var} | failed: {type(e).__name__}: {str(e)[:100]} | | |")
             print(sweep_rows[-1], flush=True)
+            report()
 
-    text = "\n".join(lines + [table.markdown(), "", "Decode step (B x H=16 x 128 x 128 fp32 state, read + written):", ""]
-                     + step_rows + ([""] + ["Tuning sweep at T=65536 (default config "
-                                            f"{lchunk._default_config(65536, H, torch.device('cuda'))}):", ""]
-                                    + sweep_rows if sweep_rows else []))
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print("\n" + report())
 
 
 if __name__ == "__main__":

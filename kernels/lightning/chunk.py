@@ -4,16 +4,17 @@ Layout. Tokens of all sequences are handled as one packed stream ``[tokens, H, D
 batch ``[B, T]`` is the packed stream with ``cu_seqlens = [0, T, 2T, ...]``. Each sequence is cut
 into *blocks* of ``BT`` tokens, each block into ``R`` *chunks* of ``BC`` tokens (``BT = R * BC``).
 
-Forward, two passes:
-  1. ``_scan_kernel``: one program per (sequence, head, state tile) walks its sequence and writes
-     the fp32 state at every block start (the *checkpoints*) and the final state.
+Forward:
+  1. The fp32 state at every block start (the *checkpoints*) and the final state, in two passes:
+     ``_block_state_kernel`` computes each block's own contribution in parallel, and
+     ``_state_chain_kernel`` chains them per sequence (elementwise work only).
   2. ``_fwd_kernel``: one program per (block, head, value tile) starts from the block's
      checkpoint and walks the block chunk by chunk: exact intra-chunk attention with the decay
      matrix ``a^(i-j)`` plus the inter-chunk term ``a^(i+1) q S``, carrying S in registers.
 
 Backward, the mirror image: the gradient of the state, G_t = dL/dS_t, obeys the same recurrence
 in reverse time, ``G_{t-1} = a G_t + scale q_t^T do_t``. So
-  1. ``_scan_kernel`` with REVERSE=True on (q, do) writes G at every block *end* and dh0.
+  1. The same two passes with REVERSE=True on (q, do) give G at every block *end*, and dh0.
   2. ``_bwd_kernel`` runs, for each block, three instances of the same block walk:
         dq = walk(q'=do, k'=v, v'=k, state S^T)            forward in time
         dk = walk(q'=v,  k'=do, v'=q, state G^T)           backward in time
@@ -25,7 +26,7 @@ The decay is a per-head constant a = exp(-slope), so every decay factor is ``a^e
 with e >= 0 computed from positions: nothing cumulative is loaded, and no factor can overflow.
 """
 
-import math
+import functools
 
 import torch
 import triton
@@ -70,22 +71,68 @@ def _decay_weights(m2, j, n, REVERSE: tl.constexpr, TO_END: tl.constexpr):
 
 
 @triton.jit
-def _scan_kernel(k_ptr, v_ptr, h0_ptr, ckpt_ptr, ht_ptr, slopes_ptr, cu_ptr, boff_ptr,
-                 upd_scale, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                 BT: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, REVERSE: tl.constexpr,
-                 PREC: tl.constexpr):
-    """state <- a^n state + upd_scale * sum_j w_j k_j^T v_j over the sequence, SC tokens a step.
-
-    Forward it stores the state at each block start; REVERSE walks from the end and stores it at
-    each block end (the gradient flowing into the block from later tokens)."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
+def _block_coords(cu_ptr, btab_ptr, i_b, BT: tl.constexpr):
+    """(first token of block i_b, end of its sequence) from the block table."""
+    i_n = tl.load(btab_ptr + 2 * i_b)
+    b = tl.load(btab_ptr + 2 * i_b + 1).to(tl.int64)
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    return bos + b * BT, eos
+
+
+@triton.jit
+def _block_state_kernel(k_ptr, v_ptr, buf_ptr, slopes_ptr, cu_ptr, btab_ptr, upd_scale,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                        BT: tl.constexpr, SC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        REVERSE: tl.constexpr, PREC: tl.constexpr):
+    """A block's own contribution to the state, upd_scale * sum_t w_t k_t^T v_t, as if it started
+    from zero: w_t = a^(distance to the block's last token), or REVERSE, a^(distance from the
+    state before the block). Every block is independent, so this pass is fully parallel."""
+    i_kv, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k = i_kv // tl.cdiv(DV, BV)
+    i_v = i_kv % tl.cdiv(DV, BV)
+    t_blk, eos = _block_coords(cu_ptr, btab_ptr, i_b, BT)
+    t_end = tl.minimum(t_blk + BT, eos)
+    m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    j = tl.arange(0, SC)
+    acc = tl.zeros([BK, BV], dtype=tl.float32)
+    for s in range(BT // SC):
+        rows = t_blk + s * SC + j
+        valid = rows < t_end
+        kk = tl.load(k_ptr + rows[:, None] * (H * DK) + i_h * DK + o_k[None, :],
+                     mask=valid[:, None] & (o_k[None, :] < DK), other=0.0)
+        vv = tl.load(v_ptr + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
+                     mask=valid[:, None] & (o_v[None, :] < DV), other=0.0)
+        if REVERSE:
+            e = rows - t_blk + 1
+        else:
+            e = t_end - 1 - rows
+        w = tl.where(valid, _pow_a(m2, tl.maximum(e, 0)), 0.0) * upd_scale
+        # Decay (and scale) v rather than k: k^T then feeds the tensor cores straight from shared memory.
+        acc = _dot(tl.trans(kk), (vv * w[:, None]).to(vv.dtype), acc, PREC)
+    s_off = o_k[:, None] * DV + o_v[None, :]
+    tl.store(buf_ptr + (i_b.to(tl.int64) * H + i_h) * DK * DV + s_off, acc,
+             mask=(o_k[:, None] < DK) & (o_v[None, :] < DV))
+
+
+@triton.jit
+def _state_chain_kernel(buf_ptr, h0_ptr, ht_ptr, slopes_ptr, cu_ptr, boff_ptr,
+                        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr,
+                        HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, REVERSE: tl.constexpr):
+    """Chains the block contributions of one sequence: state_{b+1} = a^len_b state_b + L_b,
+    overwriting each L_b in place with the state entering block b (REVERSE: leaving it, walking
+    from the end). Only elementwise work is left on this sequential path."""
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k = i_kv // tl.cdiv(DV, BV)
+    i_v = i_kv % tl.cdiv(DV, BV)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_ptr + i_n).to(tl.int64)
+    length = tl.load(cu_ptr + i_n + 1).to(tl.int64) - bos
     boff = tl.load(boff_ptr + i_n).to(tl.int64)
     m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
-
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     s_off = o_k[:, None] * DV + o_v[None, :]
@@ -94,30 +141,16 @@ def _scan_kernel(k_ptr, v_ptr, h0_ptr, ckpt_ptr, ht_ptr, slopes_ptr, cu_ptr, bof
         state = tl.load(h0_ptr + i_nh.to(tl.int64) * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros([BK, BV], dtype=tl.float32)
-
-    j = tl.arange(0, SC)
-    P: tl.constexpr = BT // SC
-    nb = tl.cdiv(eos - bos, BT)
-    # One flat loop over (block, step), so that the loads pipeline across blocks.
-    for it in range(0, nb * P):
-        blk = it // P
+    nb = tl.cdiv(length, BT)
+    for ib in range(0, nb):
         if REVERSE:
-            b = nb - 1 - blk
-            t0 = bos + b * BT + (P - 1 - it % P) * SC
+            b = nb - 1 - ib
         else:
-            b = blk
-            t0 = bos + b * BT + (it % P) * SC
-        if it % P == 0:
-            tl.store(ckpt_ptr + ((boff + b) * H + i_h) * DK * DV + s_off, state, mask=s_mask)
-        n = tl.minimum(tl.maximum(eos - t0, 0), SC)
-        rows = t0 + j
-        kk = tl.load(k_ptr + rows[:, None] * (H * DK) + i_h * DK + o_k[None, :],
-                     mask=(j[:, None] < n) & (o_k[None, :] < DK), other=0.0)
-        vv = tl.load(v_ptr + rows[:, None] * (H * DV) + i_h * DV + o_v[None, :],
-                     mask=(j[:, None] < n) & (o_v[None, :] < DV), other=0.0)
-        # Decay (and scale) v rather than k: k^T then feeds the tensor cores straight from shared memory.
-        vw = (vv * (upd_scale * _decay_weights(m2, j, n, REVERSE, True))[:, None]).to(vv.dtype)
-        state = _dot(tl.trans(kk), vw, state * _pow_a(m2, n), PREC)
+            b = ib
+        ptr = buf_ptr + ((boff + b) * H + i_h) * DK * DV + s_off
+        local = tl.load(ptr, mask=s_mask, other=0.0)
+        tl.store(ptr, state, mask=s_mask)
+        state = state * _pow_a(m2, tl.minimum(length - b * BT, BT)) + local
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * DK * DV + s_off, state, mask=s_mask)
 
@@ -174,16 +207,6 @@ def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
 
 
 @triton.jit
-def _block_coords(cu_ptr, btab_ptr, i_b, BT: tl.constexpr):
-    """(first token of block i_b, end of its sequence) from the block table."""
-    i_n = tl.load(btab_ptr + 2 * i_b)
-    b = tl.load(btab_ptr + 2 * i_b + 1).to(tl.int64)
-    bos = tl.load(cu_ptr + i_n).to(tl.int64)
-    eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    return bos + b * BT, eos
-
-
-@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ckpt_ptr, slopes_ptr, cu_ptr, btab_ptr, scale,
                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -234,12 +257,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr,
 class _Plan:
     """Sequence boundaries and the block table for one call (shared by forward and backward)."""
 
-    def __init__(self, B, T, cu_seqlens, device, block_size):
-        if cu_seqlens is None:
-            lengths = [T] * B
-        else:
-            bounds = [int(x) for x in cu_seqlens.tolist()]
-            lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    def __init__(self, lengths, device, block_size):
         self.N = len(lengths)
         self.BT = block_size
         nbs = [triton.cdiv(n, block_size) for n in lengths]
@@ -254,6 +272,21 @@ class _Plan:
         self.cu = torch.tensor(starts, dtype=torch.int64).to(device)
         self.boff = torch.tensor(boff, dtype=torch.int64).to(device)
         self.btab = torch.tensor(table or [(0, 0)], dtype=torch.int32).reshape(-1, 2).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_plan(lengths, device, block_size):
+    # Building the tables costs host-to-device copies that would dominate short calls.
+    return _Plan(lengths, device, block_size)
+
+
+def _make_plan(B, T, cu_seqlens, device, block_size):
+    if cu_seqlens is None:
+        lengths = (T,) * B
+    else:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        lengths = tuple(e - s for s, e in zip(bounds[:-1], bounds[1:]))
+    return _cached_plan(lengths, device, block_size)
 
 
 def _pow2(n):
@@ -274,31 +307,40 @@ def _num_sms(device):
 
 
 def _default_config(n_tokens, H, device):
-    """Chunk 64; the block (checkpoint interval) as long as still gives ~8 programs per SM: long
-    blocks mean fewer fp32 checkpoints to write and read, short ones more parallel programs."""
+    """Chunk 64; the block (checkpoint interval) as long as still gives ~2 blocks per SM and head
+    set: each block costs a fixed overhead in the state passes (measured at T=64K on an H100:
+    blocks of 256/512/1024 tokens gave fwd+bwd state passes of 1.4/0.8/0.5 ms), while short
+    sequences need short blocks for parallelism."""
     bc = 64
     r = 16
-    while r > 4 and (n_tokens // (bc * r)) * H < 8 * _num_sms(device):
+    while r > 4 and (n_tokens // (bc * r)) * H < 2 * _num_sms(device):
         r //= 2
     return dict(chunk_size=bc, block_chunks=r, scan_chunk=128, scan_tile=64, value_tile=64,
-                num_warps=4, num_stages=2, scan_warps=4)
+                num_warps=4, num_stages=2, bwd_stages=3, scan_warps=4, scan_stages=2)
 
 
 def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
-    """Run the state scan: returns (checkpoints [n_blocks, H, DK, DV] fp32, final or None)."""
+    """The state at every block start (REVERSE: the state gradient at every block end), fp32
+    [n_blocks, H, DK, DV], and the final state (REVERSE: dh0) or None. Two passes: the blocks'
+    own contributions in parallel, then a short elementwise chain over blocks."""
     _, H, DK = k.shape
     DV = v.shape[-1]
     ckpt = _empty((max(plan.n_blocks, 1), H, DK, DV), torch.float32, k.device)
     ht = _empty((plan.N, H, DK, DV), torch.float32, k.device) if want_final else None
-    sc = min(cfg["scan_chunk"], plan.BT)
-    bk = min(_pow2(DK), cfg["scan_tile"])
-    bv = min(_pow2(DV), cfg["scan_tile"])
-    grid = (triton.cdiv(DK, bk), triton.cdiv(DV, bv), plan.N * H)
-    _scan_kernel[grid](
-        k, v, h0 if h0 is not None else ckpt, ckpt, ht if want_final else ckpt, slopes, plan.cu, plan.boff,
-        upd_scale, H, DK, DV,
-        BT=plan.BT, SC=sc, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=want_final, REVERSE=reverse,
-        PREC=_prec(k), num_warps=cfg["scan_warps"], num_stages=cfg["num_stages"],
+    if plan.n_blocks:
+        sc = min(cfg["scan_chunk"], plan.BT)
+        bk = min(_pow2(DK), cfg["scan_tile"])
+        bv = min(_pow2(DV), cfg["scan_tile"])
+        _block_state_kernel[(triton.cdiv(DK, bk) * triton.cdiv(DV, bv), plan.n_blocks, H)](
+            k, v, ckpt, slopes, plan.cu, plan.btab, upd_scale, H, DK, DV,
+            BT=plan.BT, SC=sc, BK=bk, BV=bv, REVERSE=reverse, PREC=_prec(k),
+            num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"],
+        )
+    bk, bv = min(_pow2(DK), 32), min(_pow2(DV), 32)
+    _state_chain_kernel[(triton.cdiv(DK, bk) * triton.cdiv(DV, bv), plan.N * H)](
+        ckpt, h0 if h0 is not None else ckpt, ht if want_final else ckpt, slopes, plan.cu, plan.boff,
+        H, DK, DV, BT=plan.BT, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=want_final, REVERSE=reverse,
+        num_warps=4, num_stages=3,
     )
     return ckpt, ht
 
@@ -333,7 +375,7 @@ def _backward(q, k, v, do, dht, slopes, scale, s_ckpt, plan, cfg, want_dh0):
         _bwd_kernel[(2 * ntk + triton.cdiv(DV, bvv), plan.n_blocks, H)](
             q, k, v, do, dq, dk, dv, s_ckpt, g_ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV, ntk,
             BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=_pow2(DV), BVK=bvk, BVV=bvv,
-            PREC=_prec(q), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            PREC=_prec(q), num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
         )
     return dq, dk, dv, dh0
 
@@ -390,6 +432,6 @@ def chunk_lightning_attention(q, k, v, slopes, scale=None, initial_state=None, o
     if unknown:
         raise TypeError(f"unknown config keys {sorted(unknown)}")
     cfg.update(config)
-    plan = _Plan(B, T, cu_seqlens, q.device, cfg["chunk_size"] * cfg["block_chunks"])
+    plan = _make_plan(B, T, cu_seqlens, q.device, cfg["chunk_size"] * cfg["block_chunks"])
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
     return _ChunkLightningFunction.apply(q, k, v, slopes, scale, initial_state, output_final_state, plan, cfg)

@@ -1,0 +1,407 @@
+"""Operations (issue #6): exact resume after a real kill, pre-emption signals, a kill in the middle of a
+checkpoint write, bad inputs that must leave checkpoints untouched, the NaN policy, metrics and config.
+
+The trainer runs as `python pretrain_hypenet.py ...` in subprocesses (own process group, so a kill
+takes dist_checkpointing's helper process too); the bad-input and NaN cases run in-process. A tiny
+2-layer teacher on generated text is made once for the module; the uninterrupted baselines run in the
+background while the tests start their own runs (2 cores: two trainers at a time).
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT
+
+PRETRAIN = os.path.join(ROOT, "pretrain_hypenet.py")
+ITERS, KILL_AT, SAVE_INTERVAL = 8, 4, 2
+RECIPE = {"seed": 0, "data": {"generate_corpus": {"num_docs": 300, "seed": 0}},
+          "make_tiny_teacher": {"tokenizer_vocab_size": 400, "hidden_size": 64, "num_layers": 2, "heads": 4,
+                                "kv_heads": 2, "head_dim": 16, "ffn": 128, "tie": True}}
+COMMON = ["--seq-length", "64", "--micro-batch-size", "4", "--split", "90,10,0", "--lr", "3e-3",
+          "--lr-decay-style", "wsd", "--lr-warmup-iters", "2", "--eval-iters", "1", "--log-interval", "1",
+          "--no-progress"]
+TRACKER = "latest_checkpointed_iteration.txt"
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def metrics(save):
+    path = os.path.join(save, "metrics.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def losses(save):
+    rows = metrics(save)
+    assert [r["iteration"] for r in rows] == list(range(1, len(rows) + 1)), "duplicated or missing iterations"
+    return [r["loss"] for r in rows]
+
+
+def tracker(save):
+    try:
+        return int(open(os.path.join(save, TRACKER)).read())
+    except (OSError, ValueError):
+        return None
+
+
+def folder_hash(path):
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(path)):
+        dirnames.sort()
+        h.update(os.path.relpath(dirpath, path).encode())
+        for name in sorted(filenames):
+            h.update(name.encode())
+            with open(os.path.join(dirpath, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+class Run:
+    """One trainer subprocess in its own process group; output goes to <save>.log."""
+
+    def __init__(self, cmd, save, env=None):
+        self.save, self.log = save, save + ".log"
+        full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}  # not this process's group
+        full_env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+                        **(env or {}))
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait(self, expect=0, timeout=240):
+        try:
+            rc = self.proc.wait(timeout)
+        finally:  # also ends helpers a trainer that died hard (os._exit, SIGKILL) left behind
+            self.signal_group(signal.SIGKILL)
+        assert rc == expect, f"exit code {rc} (expected {expect}):\n{open(self.log).read()[-4000:]}"
+        return self
+
+    def signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_after_checkpoint(self, k, timeout=180):
+        """SIGKILL (the whole group) once iteration >= k is checkpointed and a later step has been logged."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            t = tracker(self.save)
+            if t is not None and t >= k and len(metrics(self.save)) > t:
+                break
+            assert self.proc.poll() is None, f"trainer ended early:\n{open(self.log).read()[-4000:]}"
+            time.sleep(0.01)
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait(60)
+        return tracker(self.save), len(metrics(self.save))
+
+
+class Env:
+    def __init__(self, work, hf, prefix, teacher):
+        self.work, self.hf, self.prefix, self.teacher = str(work), hf, prefix, teacher
+        self.runs = {}
+
+    def path(self, name):
+        return os.path.join(self.work, name)
+
+    def cmd(self, stage, save, *extra):
+        args = ["--stage", stage, "--save", save, "--data-path", self.prefix, "--tokenizer", self.hf, *COMMON]
+        if stage == "pretrain":
+            args += ["--load", self.teacher]
+        else:
+            args += ["--teacher", self.teacher]
+        if stage == "distill":
+            args += ["--load", self.path("align"), "--layer-pattern", "LA"]
+        return [sys.executable, PRETRAIN, *args, *extra]
+
+    def train_cmd(self, stage, save):
+        return self.cmd(stage, save, "--train-iters", str(ITERS), "--save-interval", str(SAVE_INTERVAL))
+
+    def start_baseline(self, stage):
+        if stage not in self.runs:
+            save = self.path("align" if stage == "align" else f"{stage}_baseline")
+            cmd = self.train_cmd(stage, save) if stage != "align" else self.cmd("align", save, "--train-iters", "4")
+            if stage == "distill":
+                self.baseline("align")
+            self.runs[stage] = Run(cmd, save)
+        return self.runs[stage]
+
+    def start_config_run(self):
+        """`--config <baseline>/config.yaml` into another folder; started early so it overlaps another test."""
+        if "from_config" not in self.runs:
+            config = os.path.join(self.start_baseline("pretrain").save, "config.yaml")
+            while not os.path.exists(config):  # the baseline writes it before its first step
+                assert self.runs["pretrain"].proc.poll() is None, "the pretrain baseline ended without config.yaml"
+                time.sleep(0.1)
+            save = self.path("from_config")
+            self.runs["from_config"] = Run([sys.executable, PRETRAIN, "--config", config, "--save", save], save)
+        return self.runs["from_config"]
+
+    def baseline(self, stage):
+        """The save folder of the uninterrupted run of `stage` (started in the background if needed)."""
+        run = self.start_baseline(stage)
+        if run.proc.returncode is None:
+            run.wait()
+        return run.save
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from megatron_hypenet.convert import hf_to_mcore
+    from megatron_hypenet.recipe import _prepare_teacher_and_data
+
+    work = tmp_path_factory.mktemp("ops")
+    hf, prefix = _prepare_teacher_and_data(RECIPE, str(work))
+    teacher = str(work / "teacher")
+    hf_to_mcore(hf, teacher)
+    e = Env(work, hf, prefix, teacher)
+    e.start_baseline("pretrain")  # both uninterrupted baselines the kill tests compare against
+    e.start_baseline("align")
+    yield e
+    for run in e.runs.values():
+        if run.proc.poll() is None:
+            run.signal_group(signal.SIGKILL)
+
+
+def run_in_process(stage, options):
+    from megatron_hypenet.recipe import run_stage
+
+    return run_stage(stage, {"seq_length": 64, "micro_batch_size": 4, "split": "90,10,0", "eval_iters": 1,
+                             "no_progress": True, **options})
+
+
+def load_all(save):
+    """Reads every tensor and the plain state of the latest checkpoint (what a resume reads)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_hypenet import checkpoint, parallel
+
+    parallel.ensure_process_group()
+    path = checkpoint.resolve(save)
+    meta = checkpoint.tensor_metadata(path)
+    for key in meta:
+        assert checkpoint.load_global_tensor(path, key, meta).isfinite().all()
+    return dist_checkpointing.load_common_state_dict(path)["state"]
+
+
+# ---- 1. a real kill at step k, then the same command: the same loss curve, bit for bit ------------------
+
+@pytest.mark.parametrize("stage", ["pretrain", "distill"])
+def test_kill_then_resume_reproduces_the_uninterrupted_run(env, stage):
+    if stage == "distill":
+        env.baseline("align")
+        env.start_baseline("distill")
+    save = env.path(f"{stage}_killed")
+    cmd = env.train_cmd(stage, save)
+    at, rows = Run(cmd, save).kill_after_checkpoint(KILL_AT)
+    assert at >= KILL_AT and rows >= at  # rows past `at` are steps the resumed run repeats
+    Run(cmd, save).wait()  # the same command resumes
+    assert "resumed %s at iteration %d" % (stage, at) in open(save + ".log").read()
+    expected = losses(env.baseline(stage))
+    assert len(expected) == ITERS
+    assert losses(save) == expected  # exact; losses() also refuses duplicated iterations
+    assert [r["lr"] for r in metrics(save)] == [r["lr"] for r in metrics(env.baseline(stage))]
+    assert tracker(save) == ITERS
+    assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000006", "iter_0000008"]  # keep-last 2
+
+
+# ---- 2. SIGTERM (to the whole process group, as Slurm does): checkpoint, exit code 0 ---------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_preemption_signal_saves_and_exits_cleanly(env, sig):
+    save = env.path("preempted")
+    run = Run(env.cmd("pretrain", save, "--train-iters", "500"), save)
+    t0 = time.time()
+    while len(metrics(save)) < 3:
+        assert run.proc.poll() is None and time.time() - t0 < 180, open(run.log).read()[-4000:]
+        time.sleep(0.02)
+    t_signal = time.time()
+    run.signal_group(sig)
+    run.wait(expect=0, timeout=60)
+    assert time.time() - t_signal < 30, "pre-emption exit took too long"
+    stopped = metrics(save)[-1]["iteration"]
+    assert tracker(save) == stopped < 500
+    assert not [d for d in os.listdir(save) if d.endswith(".tmp")]
+    state = load_all(save)
+    assert state["iteration"] == stopped and state["consumed_samples"] == 4 * stopped and state["stage"] == "pretrain"
+    assert '"preempted": true' in open(run.log).read()
+
+
+# ---- 3. a kill in the middle of a checkpoint write ------------------------------------------------------
+
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(env):
+    env.start_config_run()  # (test_config_file_reproduces_the_run's run, in parallel with this one)
+    save = env.path("died_in_save")
+    cmd = env.train_cmd("pretrain", save)
+    Run(cmd, save, env={"HYPENET_TEST_DIE_IN_SAVE": str(KILL_AT)}).wait(expect=1)
+    previous = KILL_AT - SAVE_INTERVAL
+    assert tracker(save) == previous
+    assert os.path.isdir(os.path.join(save, f"iter_{KILL_AT:07d}.tmp"))  # tensors written, never renamed
+    assert not os.path.exists(os.path.join(save, f"iter_{KILL_AT:07d}"))
+    assert load_all(save)["iteration"] == previous
+    Run(cmd, save).wait()
+    assert f"resumed pretrain at iteration {previous}" in open(save + ".log").read()
+    assert not [d for d in os.listdir(save) if d.endswith(".tmp")]  # the stale partial save was removed
+    assert losses(save) == losses(env.baseline("pretrain"))
+
+
+# ---- 4. config.yaml reproduces the run --------------------------------------------------------------------
+
+def test_config_file_reproduces_the_run(env):
+    import yaml
+
+    base = env.baseline("pretrain")
+    run = env.start_config_run()
+    if run.proc.returncode is None:
+        run.wait()
+    save = run.save
+    assert losses(save) == losses(base)
+    a, b = (yaml.safe_load(open(os.path.join(d, "config.yaml"))) for d in (base, save))
+    assert a.pop("save") == base and b.pop("save") == save and a == b
+
+
+# ---- 5. bad inputs: a clear error naming the fix, checkpoints byte-identical -------------------------------
+
+def _teacher_with_vocab(env, name, vocab_size):
+    from transformers import AutoTokenizer
+
+    from megatron_hypenet.convert import hf_to_mcore
+    from megatron_hypenet.tiny import save_random_qwen3
+
+    out = env.path(name)
+    if not os.path.exists(os.path.join(out, TRACKER)):
+        tok = AutoTokenizer.from_pretrained(env.hf)
+        spec = {k: v for k, v in RECIPE["make_tiny_teacher"].items() if k != "tokenizer_vocab_size"}
+        save_random_qwen3(out + "_hf", seed=1, tokenizer_dir=env.hf, vocab_size=vocab_size,
+                          eos_token_id=tok.eos_token_id, **spec)
+        hf_to_mcore(out + "_hf", out)
+    return out
+
+
+def _copy(env, stage, name):
+    dst = env.path(name)
+    if not os.path.exists(dst):
+        shutil.copytree(env.baseline(stage), dst)
+    return dst
+
+
+def _case_corrupt(env):
+    save = _copy(env, "pretrain", "corrupt")
+    shard = os.path.join(save, f"iter_{ITERS:07d}", "__0_1.distcp")
+    with open(shard, "r+b") as f:  # truncated, as by a full disk
+        f.truncate(os.path.getsize(shard) // 2)
+    return "pretrain", {"load": env.teacher, "save": save}, r"truncated or corrupt; resume from an earlier one with --ckpt-step 6"
+
+
+def _case_layer_pattern(env):
+    return "distill", {"teacher": env.teacher, "load": env.path("align"), "save": _copy(env, "distill", "other_pattern"),
+                       "layer_pattern": "AL"}, r"layer_pattern='LA' but this model has layer_pattern='AL'.*new --save folder"
+
+
+def _case_vocab(env):
+    return "pretrain", {"load": _teacher_with_vocab(env, "teacher_v512", 512), "save": _copy(env, "pretrain", "intact")}, \
+        r"vocab_size=\d+ but this model has vocab_size=512"
+
+
+def _case_tokenizer(env):
+    return "pretrain", {"load": _teacher_with_vocab(env, "teacher_v256", 256), "save": _copy(env, "pretrain", "intact")}, \
+        r"has \d+ tokens .* vocab_size 256: it is not this teacher's tokenizer. Pass the teacher's HF folder with --tokenizer"
+
+
+def _case_missing_data(env):
+    return "pretrain", {"load": env.teacher, "save": _copy(env, "pretrain", "intact"),
+                        "data_path": env.path("nowhere/corpus")}, r"(?s)nowhere/corpus.bin not found. Create .*tools/preprocess_data.py"
+
+
+def _case_empty_data(env):
+    empty = env.path("empty/corpus")
+    os.makedirs(os.path.dirname(empty), exist_ok=True)
+    for ext in (".bin", ".idx"):
+        open(empty + ext, "wb").close()
+    return "pretrain", {"load": env.teacher, "save": _copy(env, "pretrain", "intact"), "data_path": empty}, \
+        r"(?s)empty dataset .*tools/preprocess_data.py"
+
+
+def _case_seq_length(env):
+    return "pretrain", {"load": env.teacher, "save": _copy(env, "pretrain", "intact"), "seq_length": 200_000}, \
+        r"fewer than seq_length \+ 1 = 200001.*Use a shorter sequence length"
+
+
+def _case_layout(env):
+    return "pretrain", {"load": env.teacher, "save": _copy(env, "pretrain", "intact"), "tensor_model_parallel_size": 2}, \
+        r"world size 1 is not divisible by TP x PP x CP = 2 x 1 x 1; launch a multiple of 2 processes"
+
+
+BAD_INPUTS = {"corrupt_checkpoint": _case_corrupt, "other_layer_pattern": _case_layer_pattern,
+              "other_vocabulary": _case_vocab, "tokenizer_larger_than_vocab": _case_tokenizer,
+              "missing_data_prefix": _case_missing_data, "empty_data": _case_empty_data,
+              "seq_length_above_data": _case_seq_length, "impossible_parallel_layout": _case_layout}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_leaves_checkpoints_intact(env, case):
+    stage, options, message = BAD_INPUTS[case](env)
+    options = {"data_path": env.prefix, "tokenizer": env.hf, "train_iters": ITERS, **options}
+    before = folder_hash(options["save"])
+    with pytest.raises(Exception, match=message):
+        run_in_process(stage, options)
+    assert folder_hash(options["save"]) == before
+
+
+# ---- 6. NaN / Inf: skipped (and logged) or stop ---------------------------------------------------------
+
+def test_nan_policy_skip_and_stop_are_logged(env, monkeypatch):
+    import torch
+
+    from megatron_hypenet import training
+
+    real_build = training.build_stage
+
+    def build_with_a_nan_at_iteration_3(args):
+        stage = real_build(args)
+        loss, calls = stage.loss, []
+
+        def nan_loss(batch):
+            calls.append(1)
+            out = loss(batch)
+            return out * float("nan") if len(calls) == 3 else out
+
+        stage.loss = nan_loss
+        return stage
+
+    monkeypatch.setattr(training, "build_stage", build_with_a_nan_at_iteration_3)
+    base = {"load": env.teacher, "data_path": env.prefix, "tokenizer": env.hf, "train_iters": 5, "lr": 3e-3}
+    skip = env.path("nan_skip")
+    result = run_in_process("pretrain", {**base, "save": skip, "nan_policy": "skip"})
+    rows = metrics(skip)
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5] and result["iterations"] == 5
+    assert [r["skipped"] for r in rows] == [False, False, True, False, False]
+    assert math.isnan(rows[2]["loss"]) and math.isfinite(rows[3]["loss"]) and tracker(skip) == 5
+
+    stop = env.path("nan_stop")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss/gradients at iteration 3 .*lower --lr"):
+        run_in_process("pretrain", {**base, "save": stop, "nan_policy": "stop", "save_interval": 2})
+    rows = metrics(stop)
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and rows[2]["skipped"] and math.isnan(rows[2]["loss"])
+    assert tracker(stop) == 2  # the last good checkpoint is left as the latest
+    assert torch.isfinite(torch.tensor([r["loss"] for r in rows[:2]])).all()
+
+
+# ---- 7. metrics rows past the resumed iteration are dropped ----------------------------------------------
+
+def test_resume_truncates_metrics_of_steps_after_the_checkpoint(tmp_path):
+    from megatron_hypenet.training import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "loss": i}) + "\n" for i in range(1, 6)) + '{"iteration": 6, "lo')
+    truncate_metrics(str(path), 3)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
