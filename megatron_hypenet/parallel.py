@@ -95,3 +95,18 @@ def context_parallel_chunk(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     if x.shape[dim] % cp:
         raise ValueError(f"sequence length {x.shape[dim]} is not divisible by context parallel size {cp}")
     return x.chunk(cp, dim=dim)[parallel_state.get_context_parallel_rank()]
+
+
+def local_batch(batch: dict, device) -> dict:
+    """A data-loader batch on `device`, cut to this rank's sequence chunk ([b, s] tensors)."""
+    return {k: context_parallel_chunk(v.to(device)) for k, v in batch.items()}
+
+
+def context_parallel_mean(value: float) -> float:
+    """Each CP rank's loss is the mean over its equal-sized chunk; the sequence's loss is their mean."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, group=parallel_state.get_context_parallel_group())
+    return float(t.item()) / cp

@@ -313,11 +313,11 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for _ in range(accumulation):
-            batch = {k: v.to(device) for k, v in next(loader).items()}
             with autocast:
-                loss = stage.loss(batch) / accumulation
+                loss = stage.loss(parallel.local_batch(next(loader), device)) / accumulation
             loss.backward()
             loss_sum += loss.detach().float().item()
+        loss_sum = parallel.context_parallel_mean(loss_sum)
         consumed += global_batch
         sync_grads(student)
         grad_norm = clip_grad_norm(stage.trainable, args.clip_grad)
@@ -375,6 +375,6 @@ def evaluate(stage, dataset, args, device, autocast) -> float:
         if i >= args.eval_iters:
             break
         with autocast:
-            losses.append(float(stage.loss({k: v.to(device) for k, v in batch.items()})))
+            losses.append(parallel.context_parallel_mean(float(stage.loss(parallel.local_batch(batch, device)))))
     stage.student.train()
     return sum(losses) / max(1, len(losses))

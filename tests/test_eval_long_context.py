@@ -16,7 +16,7 @@ from tools import bench_inference, eval_long_context
 from tools.train_tokenizer import train_tokenizer
 
 VOCAB = 512
-N, MULTIPLIERS = 64, [1, 2, 4]
+N, MULTIPLIERS = 64, [1, 2]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,8 +73,8 @@ def test_eval_writes_table_json_and_heat_maps(folders, tmp_path, capsys):
                 assert set(cell["by_depth"]) == {"0.0", "0.5", "1.0"}
                 assert all(ex["length"] <= n for ex in cell["examples"])
         ppl = entry["perplexity"]
-        assert ppl["buckets"] == [[0, 64], [64, 128], [128, 256]]
-        assert ppl["tokens"] == [2 * 63, 2 * 64, 2 * 128]  # position 0 is never predicted
+        assert ppl["buckets"] == [[0, 64], [64, 128]]
+        assert ppl["tokens"] == [2 * 63, 2 * 64]  # position 0 is never predicted
         assert all(p > 1.0 for p in ppl["ppl"])
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     assert saved["lengths"] == lengths and set(saved["results"]) == {"teacher", "student"}
@@ -89,7 +89,7 @@ def test_answer_only_scoring_matches_retrieval_accuracy(folders):
     exactly like megatron_hypenet.retrieval.retrieval_accuracy over full logits."""
     for folder in folders[:2]:
         model, tokenizer = eval_long_context.load(folder, "cpu", "float32")
-        examples = make_needle_examples(tokenizer, 128, 4, seed=1, depths=(0.0, 1.0))
+        examples = make_needle_examples(tokenizer, 128, 2, seed=1, depths=(0.0, 1.0))
         _, expected = retrieval_accuracy(lambda ids: model(ids).logits, examples)
         got = [eval_long_context.score_example(model, ex, prefill_chunk=40) for ex in examples]
         assert [g["predicted_ids"] for g in got] == [e["predicted_ids"] for e in expected]
@@ -117,6 +117,23 @@ def test_bench_layer_pattern_and_args():
     assert bench_inference.hybrid_pattern(8, 1 / 8) == "LLLLLLLA"
     with pytest.raises(SystemExit):
         bench_inference.parse_args(["--lengths", "0"])
+
+
+def test_lm_eval_hflm_runs_a_hypenet_folder(folders):
+    """lm-eval's own HFLM (what `lm_eval --model hf` builds) loads the exported HypeNet and answers both
+    request kinds; generation goes through generate() with a left-padded batch and chunked prefill."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from megatron_hypenet.lm_eval_entry import make_lm
+
+    lm = make_lm(folders[1], device="cpu", dtype="float32", batch_size=2, prefill_chunk=8)
+    assert type(lm.model).__name__ == "HypeNetForCausalLM" and lm.model.config.prefill_chunk_size == 8
+    contexts = ["The secret number of Alice is 48213.\nWhat is the secret number of Alice?", "Bob found the key."]
+    ll = lm.loglikelihood([Instance("loglikelihood", {}, (c, " 48213"), i) for i, c in enumerate(contexts)])
+    assert len(ll) == 2 and all(logp < 0 for logp, _ in ll)
+    gen = lm.generate_until([Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}), i)
+                             for i, c in enumerate(contexts)])
+    assert len(gen) == 2 and all(isinstance(g, str) for g in gen)
 
 
 @pytest.mark.gpu

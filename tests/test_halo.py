@@ -103,3 +103,23 @@ def test_selection_follows_the_importance_formula():
     with pytest.raises(ValueError, match="cannot keep 5 attention layers out of 4"):
         choose_attention_layers(imp, 5)
     assert default_num_attention_layers(28) == 4 and default_num_attention_layers(4) == 1
+
+
+def test_distill_with_context_parallel_matches_one_process(recipe_run, tmp_path):
+    """The trainer splits each sequence over 2 CP ranks (gloo); the loss curve equals the unsplit run's."""
+    from helpers import ROOT, torchrun
+
+    run, _ = recipe_run
+    ck = run / "checkpoints"
+    flags = ["--stage", "distill", "--teacher", ck / "teacher", "--load", ck / "align",
+             "--layer-pattern", ck / "select" / "layer_pattern.txt", "--data-path", run / "data" / "corpus",
+             "--tokenizer", run / "teacher_hf_init", "--seq-length", 128, "--micro-batch-size", 2,
+             "--split", "90,10,0", "--train-iters", 3, "--lr", 1e-3, "--no-progress"]
+    losses = {}
+    for cp in (1, 2):
+        save = tmp_path / f"cp{cp}"
+        torchrun(cp, os.path.join(ROOT, "pretrain_hypenet.py"), *flags, "--save", save,
+                 "--context-parallel-size", cp)
+        losses[cp] = _losses(save)
+    assert len(losses[1]) == 3
+    assert losses[2] == pytest.approx(losses[1], abs=1e-5)

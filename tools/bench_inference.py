@@ -461,8 +461,9 @@ def main(argv=None) -> dict:
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
             "torch": torch.__version__, "dtype": args.dtype, "shape": shape, "hypenet_layer_pattern": pattern,
             "prefill_chunk": args.prefill_chunk, "logits_check": checks, "argv": sys.argv[1:] if argv is None else argv}
-    for model in models.values():  # compile Triton kernels and pick cuBLAS kernels outside the timings
-        measure(model, 2 * check_chunk + 3, check_chunk, device)
+    for model in models.values():  # compile Triton kernels and pick cuBLAS kernels outside the timings,
+        measure(model, 2 * check_chunk + 3, check_chunk, device)  # at the check's shapes and at the
+        measure(model, min(args.lengths[0], 2 * args.prefill_chunk), args.prefill_chunk, device)  # timed ones
     results = []
     for length in tqdm(args.lengths, desc="lengths", unit="length"):
         row = {"length": length}
