@@ -28,6 +28,7 @@ def main(argv=None):
     from megatron_hypenet.arguments import parse_args
 
     args = parse_args(argv)
+    rank0 = True
     try:
         if args.stage == "select":
             from megatron_hypenet.halo.select import run_select
@@ -37,9 +38,10 @@ def main(argv=None):
             from megatron_hypenet.training import train
 
             result = train(args)
+        rank0 = parallel.is_rank0()
     finally:
         parallel.destroy()
-    if parallel.is_rank0():
+    if rank0:
         print(json.dumps({k: v for k, v in result.items() if k != "layers"}))
     return result
 

@@ -41,7 +41,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq_group=Non
         mean_sq = xf.pow(2).mean(-1, keepdim=True)
     else:
         mean_sq = dist_fn.all_reduce(xf.pow(2).sum(-1, keepdim=True), group=sum_sq_group) / width
-    return weight * (xf * torch.rsqrt(mean_sq + eps)).to(dtype)
+    # in x's dtype even when the weight is an fp32 master copy under bf16 autocast
+    return (weight * (xf * torch.rsqrt(mean_sq + eps)).to(dtype)).to(dtype)
 
 
 class RMSNorm(torch.nn.Module):

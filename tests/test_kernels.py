@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+from helpers import poison_kernel_buffers, rel_err
 from kernels.lightning.naive import (
     lightning_attention_chunk_ref,
     lightning_attention_recurrent_ref,
@@ -61,20 +62,8 @@ if INTERPRETED:
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    if not INTERPRETED:
-        return
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(chunk, "_empty", nan_empty)
-    monkeypatch.setattr(fused_recurrent, "_empty", nan_empty)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite (unwritten or overflowed) elements"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    if INTERPRETED:
+        poison_kernel_buffers(monkeypatch)
 
 
 def make_inputs(B, T, H, DK, DV, dtype, n_states=None, seed=0):

@@ -176,15 +176,16 @@ def heat_map(name: str, retrieval: dict, depths, path: Path):
     import matplotlib.pyplot as plt
 
     tasks = list(retrieval)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.8 * len(tasks) + 1.5, 3.8), squeeze=False)
+    for col, (ax, task) in enumerate(zip(axes[0], tasks)):
         lengths = list(retrieval[task])
         grid = [[retrieval[task][n]["by_depth"].get(str(float(d)), float("nan")) for d in depths] for n in lengths]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("needle depth")
-        ax.set_ylabel("context (tokens)")
+        if col == 0:  # the rows are the same lengths in every panel
+            ax.set_ylabel("context (tokens)")
         ax.set_title(task)
         for i, row in enumerate(grid):
             for j, value in enumerate(row):

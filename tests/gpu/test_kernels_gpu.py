@@ -8,6 +8,7 @@ Targets: ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16, <= 1e-3 for fp32; NaN ne
 import pytest
 import torch
 
+from helpers import poison_kernel_buffers, rel_err
 from kernels.lightning import lightning_attention, lightning_attention_step
 from kernels.lightning.naive import lightning_attention_chunk_ref, lightning_attention_step_ref, lightning_slopes
 
@@ -18,19 +19,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 @pytest.fixture(autouse=True)
 def poisoned_buffers(monkeypatch):
-    from kernels.lightning import chunk, fused_recurrent
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(chunk, "_empty", nan_empty)
-    monkeypatch.setattr(fused_recurrent, "_empty", nan_empty)
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "non-finite (unwritten or overflowed) elements"
-    return ((out - ref).norm() / ref.norm()).item()
+    poison_kernel_buffers(monkeypatch)
 
 
 CASES = {
