@@ -195,14 +195,19 @@ def preprocess(inputs: Sequence[str], tokenizer_dir: str, output_prefix: str, js
     return result
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_document_source_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that say where documents come from (shared with tools/train_tokenizer.py)."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", metavar="FILE", help="text or JSONL (.jsonl/.json) files")
     source.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset name or local path")
     parser.add_argument("--hf-split", default="train")
     parser.add_argument("--json-key", default="text", help="the text field of JSONL records / dataset rows")
     parser.add_argument("--split-lines", action="store_true", help="text files: one document per line")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_document_source_args(parser)
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer folder (e.g. the teacher's)")
     parser.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")

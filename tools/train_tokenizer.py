@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as `python tools/train_tokenizer.py`: make 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from megatron_hypenet.data import EOD_TOKEN
-from tools.preprocess_data import open_documents
+from tools.preprocess_data import add_document_source_args, open_documents
 
 # The pre-tokenization regex of the Qwen2/Qwen3 tokenizers.
 QWEN_SPLIT_PATTERN = (
@@ -64,12 +64,7 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, json_ke
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", nargs="+", metavar="FILE", help="text or JSONL (.jsonl/.json) files")
-    source.add_argument("--hf-dataset", metavar="NAME_OR_PATH", help="a `datasets` dataset name or local path")
-    parser.add_argument("--hf-split", default="train")
-    parser.add_argument("--json-key", default="text", help="the text field of JSONL records / dataset rows")
-    parser.add_argument("--split-lines", action="store_true", help="text files: one document per line")
+    add_document_source_args(parser)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--output-dir", required=True, metavar="DIR")
