@@ -290,10 +290,11 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     else:
         stage.initialise()
     if args.save:
-        for stale in checkpoint.remove_partial_saves(args.save):
+        for stale in checkpoint.remove_partial_saves(args.save):  # collective: every rank calls it
             log.warning("removed %s, left by an interrupted save", stale)
-        save_resolved(args, args.save)
-        if parallel.is_rank0():  # checkpoints carry their tokenizer to the next stage and the export
+        if parallel.is_rank0():  # one writer: ranks racing on the same files fail each other
+            save_resolved(args, args.save)
+            # checkpoints carry their tokenizer to the next stage and the export
             copy_tokenizer(tokenizer_dir, os.path.join(args.save, TOKENIZER_DIR))
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = iter(make_dataloader(train_ds, args.micro_batch_size, consumed, args.seed, dp_rank, dp_size))
