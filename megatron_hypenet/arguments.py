@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="where checkpoints, metrics.jsonl, config.yaml and TensorBoard logs go")
     g.add_argument("--save-interval", type=int, default=0, help="save every N iterations (0: only at the end)")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep in --save")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background while training goes on (each still becomes the "
+                        "latest only once completely written)")
     g.add_argument("--ckpt-step", type=int, default=None, help="load this iteration instead of the latest")
     g.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --save")
     g = p.add_argument_group("data")
@@ -50,8 +53,29 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="model chunks per pipeline rank (interleaved 1F1B schedule)")
     g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="megatron-core's DistributedDataParallel + distributed optimizer: AdamW state (and the fp32 "
+                        "master weights under --bf16) sharded over the data-parallel ranks (ZeRO-1)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split the sequence over the TP ranks outside the tensor-parallel regions (needs TP > 1)")
+    g.add_argument("--zero-stage", type=int, choices=(0, 3), default=0,
+                   help="3: DeepSpeed ZeRO-3 shards the student's parameters, gradients and optimizer state over "
+                        "the data-parallel ranks (no TP/PP/CP); ZeRO-1/2 is megatron's distributed optimizer")
+    g.add_argument("--deepspeed-config", default=None,
+                   help="--zero-stage 3: a DeepSpeed JSON config merged over the trainer's (e.g. zero_optimization "
+                        "offload or bucket sizes); batch, clipping, optimizer and precision stay the trainer's flags")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="activation recomputation: whole layers (full) or --recompute-modules (selective)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="full: recompute groups of --recompute-num-layers layers (uniform) or only the first "
+                        "--recompute-num-layers layers (block)")
+    g.add_argument("--recompute-num-layers", type=int, default=None, help="see --recompute-method")
+    g.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp"), default=None,
+                   help="selective: what to recompute; core_attn = each mixer's core between its input and output "
+                        "projections (default: core_attn)")
     g = p.add_argument_group("HypeNet student")
     g.add_argument("--layer-pattern", help="'A'/'L' per layer, or a file holding it (the select stage writes one)")
     g.add_argument("--num-attention-layers", type=int, default=None, help="select: layers kept as attention")
@@ -104,6 +128,19 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error(f"--stage {args.stage} needs --teacher (a converted teacher checkpoint)")
     if args.stage != "select" and not args.data_path:
         parser.error("--data-path is required (make one with tools/preprocess_data.py)")
+    vpp = args.virtual_pipeline_model_parallel_size
+    if vpp is not None and (vpp < 2 or args.pipeline_model_parallel_size < 2):
+        parser.error(f"--virtual-pipeline-model-parallel-size {vpp} needs --pipeline-model-parallel-size > 1 "
+                     f"and at least 2 chunks per rank; leave it out for the plain 1F1B schedule")
+    if args.deepspeed_config and args.zero_stage != 3:
+        parser.error("--deepspeed-config is read by --zero-stage 3 only")
+    if args.zero_stage == 3:
+        from .zero3 import check_layout
+
+        try:
+            check_layout(args)
+        except ValueError as e:
+            parser.error(str(e))
     if args.layer_pattern and os.path.exists(args.layer_pattern):
         with open(args.layer_pattern) as f:
             args.layer_pattern = f.read().strip()

@@ -3,12 +3,14 @@
     <dir>/latest_checkpointed_iteration.txt      the newest *complete* iteration
     <dir>/iter_0000100/                          dist_checkpointing files + hypenet_model.json
 
-A checkpoint is written to `iter_XXXXXXX.tmp` and renamed only once every rank has finished, and
-the tracker file is replaced atomically after that: a job killed mid-save leaves the previous
-checkpoint as the latest (the next run deletes the stale `.tmp`, see `remove_partial_saves`).
+A checkpoint is written to `iter_XXXXXXX.tmp` and `commit`ted (renamed, then the tracker file replaced
+atomically) only once every rank has finished writing: a job killed mid-save leaves the previous
+checkpoint as the latest (the next run deletes the stale `.tmp`, see `remove_partial_saves`). With
+`AsyncSaves` the write runs in the background and the commit happens when a later poll finds it done.
 dist_checkpointing stores global tensors, so a checkpoint written at one TP/PP layout loads at any other.
 """
 
+import logging
 import os
 import shutil
 from typing import Dict, Iterator, Optional, Tuple
@@ -22,12 +24,16 @@ from megatron.core.dist_checkpointing.optimizer import (
     optim_state_to_sharding_state,
 )
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from .config import MODEL_FILE, read_model_description, write_model_description
 
+log = logging.getLogger(__name__)
+
 TRACKER = "latest_checkpointed_iteration.txt"
-TEST_DIE_IN_SAVE = "HYPENET_TEST_DIE_IN_SAVE"  # test hook: =N exits mid-save of iteration N (before the rename)
+# test hook: =N exits mid-save of iteration N, before the rename (sync: tensors written; async: write in flight)
+TEST_DIE_IN_SAVE = "HYPENET_TEST_DIE_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
@@ -106,10 +112,29 @@ def _rank0():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def model_sharded_state_dict(model) -> dict:
-    """The model's sharded state dict with one key per layer (HypeNet layers differ in shape)."""
-    sd = model.sharded_state_dict(metadata={"non_homogeneous_layers": True})
-    return {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+    """The model's sharded state dict with one key per layer (HypeNet layers differ in shape).
+
+    `model` may be a list of (virtual pipeline) chunks: their entries are merged, chunk i's names
+    prefixed `chunk{i}/`; what is stored is keyed by the global names inside (global layer numbers).
+    """
+    merged = {}
+    for i, chunk in enumerate(_chunks(model)):
+        sd = chunk.sharded_state_dict(metadata={"non_homogeneous_layers": True})
+        merged.update({(f"chunk{i}/{k}" if i else k): v for k, v in sd.items() if not k.endswith("_extra_state")})
+    return merged
+
+
+def load_model_state(model, state: dict) -> None:
+    """Loads a state dict laid out as `model_sharded_state_dict` makes it (one module or a list of chunks)."""
+    for i, chunk in enumerate(_chunks(model)):
+        prefix = f"chunk{i}/" if i else ""
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and "/" not in k[len(prefix):]}
+        chunk.load_state_dict(own, strict=False)
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -121,8 +146,11 @@ def _init_optimizer_state(optimizer) -> None:
                                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
-def optimizer_sharded_state_dict(optimizer, model_sd: dict) -> dict:
-    """A torch optimizer's state as ShardedTensors that follow the model's sharding (any layout)."""
+def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool = False) -> dict:
+    """A torch optimizer's state as ShardedTensors that follow the model's sharding (any layout);
+    megatron-core's distributed optimizer (distributed_optimizer.py) makes its own."""
+    if hasattr(optimizer, "sharded_state_dict"):
+        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
     _init_optimizer_state(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     id_to_sharded = get_param_id_to_sharded_param_map(model_sd, iter(params))
@@ -142,54 +170,111 @@ def _restore_steps(state: dict) -> dict:
     return state
 
 
-def _save_dir(sharded_sd: dict, final_dir: str, desc: dict) -> None:
-    tmp = final_dir + ".tmp"
+def _write(sharded_sd: dict, root: str, iteration: int, async_save: bool = False) -> Optional[AsyncRequest]:
+    """Writes into `iter_N.tmp`; with `async_save` returns the request that writes it in the background."""
+    tmp = iteration_dir(root, iteration) + ".tmp"
     if _rank0():
         if os.path.exists(tmp):
             shutil.rmtree(tmp)  # leftovers of an interrupted save
         os.makedirs(tmp)
     _barrier()
-    strategy = get_default_save_sharded_strategy()
-    dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=strategy)
-    if os.environ.get(TEST_DIE_IN_SAVE) and final_dir == iteration_dir(os.path.dirname(final_dir),
-                                                                        int(os.environ[TEST_DIE_IN_SAVE])):
-        os._exit(1)  # simulates a job killed after the tensors are written but before the rename
-    _barrier()
-    if _rank0():
-        write_model_description(tmp, desc)
-        if os.path.exists(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-    _barrier()
+    return dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=get_default_save_sharded_strategy(),
+                                   async_sharded_save=async_save)
 
 
-def _write_tracker(root: str, iteration: int) -> None:
+def _test_die_in_save(iteration: int) -> None:
+    if os.environ.get(TEST_DIE_IN_SAVE) == str(iteration):
+        os._exit(1)  # simulates a job killed before the rename
+
+
+def commit(root: str, iteration: int, desc: dict, keep_last: Optional[int] = None) -> str:
+    """Makes the fully written `iter_N.tmp` the latest checkpoint: rename, replace the tracker, prune.
+
+    Collective; call it only once every rank's write has finished (a sync save, or an async save's
+    finalize step), so a partial write is never taken as the latest.
+    """
+    path = iteration_dir(root, iteration)
+    _barrier()
     if _rank0():
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
+        write_model_description(path + ".tmp", desc)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(path + ".tmp", path)
+        tracker = os.path.join(root, TRACKER)
+        with open(tracker + ".tmp", "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
+        os.replace(tracker + ".tmp", tracker)
+        if keep_last:
+            _prune(root, keep_last)
     _barrier()
+    return path
+
+
+class AsyncSaves:
+    """Checkpoints being written in the background (`--async-save`); each is committed once written.
+
+    megatron-core's AsyncCallsQueue forks one writer process per save. What is written is fixed when
+    `save_checkpoint` returns: GPU tensors are copied to host memory before the fork (the request's
+    preload_fn), and the fork gives the writer a copy-on-write image of host memory, so later optimizer
+    steps cannot reach it. (megatron's persistent worker is not used: it is a spawned process that
+    receives CPU tensors through shared memory, i.e. the live ones, and it needs CUDA.) `poll` and `wait`
+    are collective: every rank calls them at the same points, as megatron's `maybe_finalize_async_save`.
+    """
+
+    def __init__(self):
+        self._queue = AsyncCallsQueue(persistent=False)
+
+    def schedule(self, request: AsyncRequest) -> None:
+        self._queue.schedule_async_request(request)
+
+    def poll(self) -> int:
+        """Commits the saves that every rank has finished writing, without waiting; returns how many."""
+        return len(self._queue.maybe_finalize_async_calls(blocking=False))
+
+    def wait(self) -> int:
+        """Waits for every pending save and commits it (before exit: the last save must be complete)."""
+        return len(self._queue.maybe_finalize_async_calls(blocking=True))
+
+    def __len__(self) -> int:
+        return self._queue.get_num_unfinalized_calls()
+
+
+def _save(sharded_sd: dict, root: str, iteration: int, desc: dict, keep_last: Optional[int] = None,
+          async_saves: Optional[AsyncSaves] = None) -> str:
+    if async_saves is None:
+        _write(sharded_sd, root, iteration)
+        _test_die_in_save(iteration)
+        return commit(root, iteration, desc, keep_last)
+    if len(async_saves):  # one save in flight at most: bounds host memory and what a kill can lose
+        if _rank0():
+            log.warning("checkpoint %d waits for the previous one to be written; a longer --save-interval "
+                        "avoids the stall", iteration)
+        async_saves.wait()
+    request = _write(sharded_sd, root, iteration, async_save=True)
+    request.add_finalize_fn(lambda: commit(root, iteration, desc, keep_last))  # after megatron's own finalize
+    async_saves.schedule(request)
+    if _rank0():
+        log.info("writing checkpoint %d in the background (--async-save)", iteration)
+    _test_die_in_save(iteration)
+    return iteration_dir(root, iteration)
 
 
 def save_checkpoint(root: str, iteration: int, model, desc: dict, optimizer=None, state: Optional[dict] = None,
-                    keep_last: Optional[int] = None) -> str:
-    """Saves model (+ optimizer, + plain `state`: scheduler, RNG, data position, HALO stage) atomically."""
+                    keep_last: Optional[int] = None, async_saves: Optional[AsyncSaves] = None) -> str:
+    """Saves model (+ optimizer, + plain `state`: scheduler, RNG, data position, HALO stage) atomically.
+
+    With `async_saves` the tensors are written in the background: the returned folder exists (and the
+    tracker names it) only after a later `async_saves.poll()` / `wait()` commits it.
+    """
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
     if state is not None:
         sharded["state"] = state
-    path = iteration_dir(root, iteration)
-    _save_dir(sharded, path, desc)
-    _write_tracker(root, iteration)
-    if keep_last and _rank0():
-        _prune(root, keep_last)
-    _barrier()
-    return path
+    return _save(sharded, root, iteration, desc, keep_last, async_saves)
 
 
 def _prune(root: str, keep_last: int) -> None:
@@ -225,24 +310,26 @@ def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Opt
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd)
+        sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     try:  # read all of it before loading into the model and optimizer
         loaded = dist_checkpointing.load(sharded, path)
         state = dist_checkpointing.load_common_state_dict(path).get("state") if load_state else None
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - rewrap with the path; the original stays chained
         raise _unreadable(path, e) from e
-    model.load_state_dict(loaded["model"], strict=False)
+    load_model_state(model, loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(_restore_steps(loaded["optimizer"]))
+        megatron_optimizer = hasattr(optimizer, "sharded_state_dict")
+        optimizer.load_state_dict(loaded["optimizer"] if megatron_optimizer else _restore_steps(loaded["optimizer"]))
     return path, state
 
 
 # ---- layout-free access, for the converters ------------------------------------------------------
 
-def save_global_tensors(path: str, tensors: Dict[str, torch.Tensor], desc: dict) -> None:
-    """Writes whole (global) tensors as a dist_checkpointing checkpoint; each rank passes its own subset."""
+def save_global_tensors(root: str, iteration: int, tensors: Dict[str, torch.Tensor], desc: dict) -> str:
+    """Writes whole (global) tensors as checkpoint `iteration` of `root` and makes it the latest; each
+    rank passes its own subset. Returns the checkpoint folder."""
     sharded = {"model": {key: ShardedTensor.from_rank_offsets(key, t, replica_id=0) for key, t in tensors.items()}}
-    _save_dir(sharded, path, desc)
+    return _save(sharded, root, iteration, desc)
 
 
 def tensor_metadata(path: str) -> dict:

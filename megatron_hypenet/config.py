@@ -13,6 +13,9 @@ from megatron.core.transformer import TransformerConfig
 
 ATTENTION, LIGHTNING = "A", "L"
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
+# Selective recompute targets our layers support: "core_attn" is each mixer's core (layers._Mixer.core),
+# "mlp" megatron-core's dense MLP.
+RECOMPUTE_MODULES = ("core_attn", "mlp")
 
 # HypeNet fields, shared one to one with the exported HF config.json.
 HYPENET_FIELDS = (
@@ -77,6 +80,9 @@ class HypeNetConfig(TransformerConfig):
         tp = self.tensor_model_parallel_size
         if self.lightning_num_heads % tp:
             raise ValueError(f"lightning_num_heads={self.lightning_num_heads} is not divisible by tensor parallel size {tp}")
+        if self.recompute_granularity == "selective" and set(self.recompute_modules) - set(RECOMPUTE_MODULES):
+            raise ValueError(f"--recompute-modules {self.recompute_modules}: HypeNet layers support selective "
+                             f"recompute of {list(RECOMPUTE_MODULES)} only")
         if self.attention_query_scale_base is not None and self.attention_query_scale_base <= 1:
             raise ValueError(f"attention_query_scale_base must be > 1 (log(a) divides), got {self.attention_query_scale_base}")
 

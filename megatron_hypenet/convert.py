@@ -74,13 +74,10 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: Opti
         if n % world == rank:
             t = to_mcore([folder.get(name) for name in names])
             mine[key] = t.to(DTYPES[dtype]) if dtype else t
-    path = checkpoint.iteration_dir(out_dir, 0)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         copy_tokenizer(hf_dir, os.path.join(out_dir, TOKENIZER_DIR))
-    checkpoint.save_global_tensors(path, mine, desc)
-    checkpoint._write_tracker(out_dir, 0)
-    return path
+    return checkpoint.save_global_tensors(out_dir, 0, mine, desc)
 
 
 def find_tokenizer(path: str) -> Optional[str]:

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
@@ -178,6 +178,21 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.permute(2, 0, 1)
 
 
+def checkpoint_under_forward_autocast(function, distribute_saved_activations, *args):
+    """megatron-core's activation checkpoint (`tensor_parallel.checkpoint`), recomputing under the autocast
+    state of the forward. megatron-core's CheckpointFunction reruns `function` in the backward outside any
+    autocast: under the trainer's bf16 autocast on fp32 weights the rerun would mix bf16 activations with
+    fp32 weights (a dtype error in the first linear layer, seen on H100 with full recompute)."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+    def run(*inputs):
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return function(*inputs)
+
+    return tensor_parallel.random.checkpoint(run, distribute_saved_activations, *args)
+
+
 @dataclass
 class MixerSubmodules:
     linear_qkv: Union[ModuleSpec, type] = None
@@ -211,6 +226,15 @@ class _Mixer(MegatronModule):
         eps = self.config.layernorm_epsilon
         return rms_norm(q, self.q_layernorm.weight, eps), rms_norm(k, self.k_layernorm.weight, eps)
 
+    def _mix(self, qkv):
+        """`core` (everything between linear_qkv and linear_proj: the per-head activations). Selective
+        recompute with "core_attn" keeps only its input and recomputes it in the backward, as megatron-core
+        does for its core attention."""
+        config = self.config
+        if self.training and config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules:
+            return checkpoint_under_forward_autocast(self.core, False, qkv)
+        return self.core(qkv)
+
 
 class _HeadNorm(torch.nn.Module):
     """A [D] RMSNorm weight shared by all heads (q_norm / k_norm): replicated over TP."""
@@ -239,9 +263,11 @@ class HypeNetAttention(_Mixer):
         self.k_layernorm = _HeadNorm(config, D)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        s, b, _ = hidden_states.shape
-        qkv, _ = self.linear_qkv(hidden_states)
-        s = qkv.shape[0]  # sequence parallel gathers the sequence inside linear_qkv
+        qkv, _ = self.linear_qkv(hidden_states)  # sequence parallel: gathers the whole sequence
+        return self.linear_proj(self._mix(qkv))
+
+    def core(self, qkv):
+        s, b, _ = qkv.shape
         per_group = self.local_heads // self.local_groups
         qkv = qkv.view(s, b, self.local_groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(s, b, self.local_heads, self.head_dim)
@@ -258,8 +284,7 @@ class HypeNetAttention(_Mixer):
         k = k.repeat_interleave(per_group, dim=1)
         v = v.repeat_interleave(per_group, dim=1)
         o = cp_attention(q, k, v, self.head_dim**-0.5)
-        o = o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
-        return self.linear_proj(o)
+        return o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
 
 
 class _ShardedVector(torch.nn.Module):
@@ -316,9 +341,15 @@ class LightningAttention(_Mixer):
             self.q_conv, self.k_conv, self.v_conv = (_ShardedVector(config, (local, 1, K), _identity_conv) for _ in range(3))
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        b = hidden_states.shape[1]
-        qkv, _ = self.linear_qkv(hidden_states)
-        s = qkv.shape[0]
+        qkv, _ = self.linear_qkv(hidden_states)  # sequence parallel: gathers the whole sequence
+        o = self._mix(qkv)
+        if self.config.lightning_output_gate:
+            gate, _ = self.linear_gate(hidden_states)
+            o = o * torch.sigmoid(gate)
+        return self.linear_proj(o)
+
+    def core(self, qkv):
+        s, b, _ = qkv.shape
         H, D = self.local_heads, self.head_dim
         qkv = qkv.view(s, b, H, 3, D)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
@@ -336,7 +367,4 @@ class LightningAttention(_Mixer):
         if self.config.lightning_output_norm:
             group = self.tp_group if self.tp_size > 1 else None
             o = rms_norm(o, self.out_norm.weight, self.config.layernorm_epsilon, group, H * D * self.tp_size)
-        if self.config.lightning_output_gate:
-            gate, _ = self.linear_gate(hidden_states)
-            o = o * torch.sigmoid(gate)
-        return self.linear_proj(o)
+        return o

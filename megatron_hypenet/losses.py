@@ -75,13 +75,29 @@ def _chunks(s: int, size: int):
     return [(i, min(i + size, s)) for i in range(0, s, size)]
 
 
+def _sequence_parallel_size(model) -> int:
+    return _tp()[1] if model.config.sequence_parallel else 1
+
+
+def _head_chunks(model, hidden, size: int):
+    """(a, b, rows) per chunk of `hidden`: rows picks the matching [s, b] labels/mask of the full sequence.
+
+    Under sequence parallelism `hidden` is this rank's slice of the sequence and the output layer
+    all-gathers its input, so chunk [a, b) of every rank's slice comes out stacked rank by rank.
+    """
+    sp = _sequence_parallel_size(model)
+    local = hidden.shape[0]
+    for a, b in _chunks(local, max(1, size // sp)):
+        yield a, b, lambda t, a=a, b=b: t.view(sp, local, *t.shape[1:])[:, a:b].flatten(0, 1)
+
+
 def chunked_cross_entropy(model, hidden, labels, loss_mask, chunk_size: int = 1024) -> torch.Tensor:
     """Mean next-token CE over `loss_mask`; hidden [s, b, h], labels/loss_mask [b, s]."""
     labels, loss_mask = labels.t(), loss_mask.t().float()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for a, b in _chunks(hidden.shape[0], chunk_size):
+    for a, b, rows in _head_chunks(model, hidden, chunk_size):
         fn = lambda h, y, m: (_token_ce(lm_logits(model, h), y) * m).sum()  # noqa: E731
-        total = total + checkpoint(fn, hidden[a:b], labels[a:b], loss_mask[a:b], use_reentrant=False)
+        total = total + checkpoint(fn, hidden[a:b], rows(labels), rows(loss_mask), use_reentrant=False)
     return total / loss_mask.sum().clamp(min=1)
 
 
@@ -95,8 +111,8 @@ def chunked_kl(student, teacher, student_hidden, teacher_hidden, loss_mask, chun
             t_logits = lm_logits(teacher, ht)
         return (_token_kl(lm_logits(student, hs), t_logits) * m).sum()
 
-    for a, b in _chunks(student_hidden.shape[0], chunk_size):
-        total = total + checkpoint(fn, student_hidden[a:b], teacher_hidden[a:b], loss_mask[a:b], use_reentrant=False)
+    for a, b, rows in _head_chunks(student, student_hidden, chunk_size):
+        total = total + checkpoint(fn, student_hidden[a:b], teacher_hidden[a:b], rows(loss_mask), use_reentrant=False)
     return total / loss_mask.sum().clamp(min=1)
 
 

@@ -5,7 +5,7 @@
 `ModuleSpec` here, not the model code.
 """
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -19,7 +19,11 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from .config import ATTENTION, LIGHTNING, HypeNetConfig
-from .layers import HypeNetAttention, LightningAttention, MixerSubmodules, RMSNorm
+from .layers import HypeNetAttention, LightningAttention, MixerSubmodules, RMSNorm, checkpoint_under_forward_autocast
+
+# megatron-core's own recomputation (full layers, selective "mlp") goes through tensor_parallel.checkpoint:
+# give it back the forward's autocast state too (see checkpoint_under_forward_autocast).
+tensor_parallel.checkpoint = checkpoint_under_forward_autocast
 
 VOCAB_DIVISIBLE_BY = 128  # padded vocab stays divisible by every TP size up to 128, so checkpoints reshard
 

@@ -110,3 +110,14 @@ def context_parallel_mean(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t, group=parallel_state.get_context_parallel_group())
     return float(t.item()) / cp
+
+
+def data_parallel_mean(value: float) -> float:
+    """A step's loss over the global batch: the mean of every DP x CP rank's loss (each a mean over an
+    equal share of the tokens: its micro-batches, its sequence chunk)."""
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if group.size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device())
+    dist.all_reduce(t, group=group)
+    return float(t.item()) / group.size()

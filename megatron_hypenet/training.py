@@ -1,7 +1,9 @@
 """The training loop shared by every HALO stage; read it top to bottom.
 
     set up parallelism -> build the stage's models -> resume or initialise -> data -> for each step:
-    loss, backward, grad sync (TP-replicated params, data parallel), clip, AdamW, schedule, log, save
+    forward/backward of the step's micro-batches through megatron-core's pipeline schedule (pipeline.py),
+    grad sync (TP-replicated params, tied embeddings across stages, data parallel), clip, AdamW,
+    schedule, log, save
 """
 
 import json
@@ -19,10 +21,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from . import checkpoint, parallel
+from . import checkpoint, parallel, pipeline, zero3
 from .arguments import save_resolved
 from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
 from .data import build_gpt_datasets, make_dataloader
+from .distributed_optimizer import DistributedOptimizer
 from .halo.stages import build_stage
 
 log = logging.getLogger("megatron_hypenet")
@@ -70,10 +73,13 @@ def sync_grads(model) -> None:
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
-    """Global grad norm over the model-parallel group, counting TP-replicated params once."""
+    """Global grad norm over the model-parallel group, counting TP-replicated params once and a tied
+    embedding once (megatron marks the last stage's copy `shared`)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sq = torch.zeros((), dtype=torch.float64)
     for p in params:
+        if getattr(p, "shared", False):
+            continue
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
             sq += p.grad.detach().double().pow(2).sum().cpu()
     mp_group = parallel_state.get_model_parallel_group()
@@ -203,13 +209,15 @@ class PreemptionFlag:
     The flag is checked after every iteration, so the exit comes at most one iteration and one save
     after the signal. dist_checkpointing saves through a helper process it spawns once; it is started
     here with the signals ignored (which it inherits), so a signal sent to the whole process group
-    (Slurm does that) cannot kill it before the final save.
+    (Slurm does that) cannot kill it before the final save. The writer processes `--async-save` forks
+    inherit the handler below, so they finish their writes too.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.raised = False
+        self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.SIGNALS}
         try:
             from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
@@ -225,6 +233,8 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:
+            return  # a forked checkpoint writer (--async-save): it finishes its write, the trainer commits it
         log.warning("received signal %s: saving a checkpoint and exiting", signum)
         self.raised = True
 
@@ -246,25 +256,29 @@ def train(args) -> dict:
 
 
 def _train(args, preempt: PreemptionFlag) -> dict:
-    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.context_parallel_size, seed=args.seed)
-    if args.pipeline_model_parallel_size > 1:
-        raise NotImplementedError("pipeline parallel training runs on GPUs through megatron-core's schedules "
-                                  "(issue #4); use --pipeline-model-parallel-size 1 here")
+    pp, vpp = args.pipeline_model_parallel_size, args.virtual_pipeline_model_parallel_size
+    parallel.initialize(args.tensor_model_parallel_size, pp, args.context_parallel_size, vpp=vpp, seed=args.seed)
     device = parallel.device()
     dp_size = parallel_state.get_data_parallel_world_size()
     global_batch = args.global_batch_size or args.micro_batch_size * dp_size
     if global_batch % (args.micro_batch_size * dp_size):
         raise ValueError(f"--global-batch-size {global_batch} is not a multiple of micro batch x data parallel "
                          f"({args.micro_batch_size} x {dp_size})")
-    accumulation = global_batch // (args.micro_batch_size * dp_size)
+    accumulation = global_batch // (args.micro_batch_size * dp_size)  # micro-batches per step and rank
+    if vpp and (accumulation % pp or args.eval_iters % pp):
+        raise ValueError(f"the interleaved pipeline schedule runs micro-batches in groups of PP={pp}: this run has "
+                         f"{accumulation} per step (--global-batch-size / (micro batch x data parallel)) and "
+                         f"--eval-iters {args.eval_iters}; make both multiples of {pp}")
 
     stage = build_stage(args)
-    student = stage.student.to(device)
-    if stage.teacher is not None:
-        stage.teacher.to(device)
-    optimizer = torch.optim.AdamW(stage.trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay)
+    student = stage.student  # this rank's chunks (one per virtual pipeline stage)
+    for model in student + (stage.teacher or []):
+        model.to(device)
+    if args.use_distributed_optimizer:  # megatron-core's DDP + sharded AdamW state (distributed_optimizer.py)
+        optimizer = DistributedOptimizer(args, student)
+    else:
+        optimizer = torch.optim.AdamW(stage.trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      weight_decay=args.weight_decay)
 
     # Check the tokenizer and the data before anything in --save is touched.
     tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))
@@ -279,7 +293,8 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     start, consumed, bad_steps = 0, 0, 0
     resume = args.save and not args.no_resume and checkpoint.latest_iteration(args.save) is not None
     if resume:
-        path, state = checkpoint.load_checkpoint(args.save, student, stage.desc, optimizer, iteration=args.ckpt_step)
+        path, state = checkpoint.load_checkpoint(args.save, student, stage.desc,
+                                                 None if args.zero_stage == 3 else optimizer, iteration=args.ckpt_step)
         if state is None or state.get("stage") != args.stage:
             raise checkpoint.CheckpointError(
                 f"{path} holds stage {state and state.get('stage')!r}, not {args.stage!r}: give each stage its "
@@ -289,6 +304,8 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         log.info("resumed %s at iteration %d from %s", args.stage, start, path)
     else:
         stage.initialise()
+    if args.zero_stage == 3:  # DeepSpeed takes over the student's parameters and AdamW from here (zero3.py)
+        optimizer = zero3.ZeroOptimizer(args, stage, optimizer, resume_from=path if resume else None)
     if args.save:
         for stale in checkpoint.remove_partial_saves(args.save):  # collective: every rank calls it
             log.warning("removed %s, left by an interrupted save", stale)
@@ -300,31 +317,38 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     loader = iter(make_dataloader(train_ds, args.micro_batch_size, consumed, args.seed, dp_rank, dp_size))
 
     metrics_log = MetricsLogger(args, start)
+    saves = checkpoint.AsyncSaves()  # --async-save: checkpoints written while training goes on
     last_loss, stopped = float("nan"), False
     tokens_per_iter = global_batch * args.seq_length
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     bar = tqdm(range(start, args.train_iters), desc=args.stage, initial=start, total=args.train_iters,
                disable=args.no_progress or not parallel.is_rank0())
-    student.train()
+    for model in student:
+        model.train()
     it = start
     for it in bar:
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
         optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for _ in range(accumulation):
-            with autocast:
-                loss = stage.loss(parallel.local_batch(next(loader), device)) / accumulation
-            loss.backward()
-            loss_sum += loss.detach().float().item()
-        loss_sum = parallel.context_parallel_mean(loss_sum)
+        batches = [parallel.local_batch(next(loader), device) for _ in range(accumulation)]
+        loss_sum = pipeline.run(stage.chunks, batches, args.seq_length, args.micro_batch_size * stage.stacked,
+                                autocast=autocast,
+                                whole_model_loss=optimizer.loss if args.zero_stage == 3 else stage.loss)
+        loss_sum = parallel.data_parallel_mean(loss_sum)  # the global batch's loss, on every rank
         consumed += global_batch
-        sync_grads(student)
-        grad_norm = clip_grad_norm(stage.trainable, args.clip_grad)
+        if not args.use_distributed_optimizer:  # (megatron-core's DDP reduces its gradients in optimizer.step)
+            for model in student:
+                sync_grads(model)
+            pipeline.allreduce_tied_embedding_grads(student)
+        if args.zero_stage == 3 or args.use_distributed_optimizer:  # both clip, step, and skip a non-finite step
+            grad_norm = optimizer.step()
+        else:
+            grad_norm = clip_grad_norm(stage.trainable, args.clip_grad)
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+                optimizer.step()
         finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
         if finite:
-            optimizer.step()
             bad_steps = 0
             last_loss = loss_sum
         else:
@@ -339,6 +363,7 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         metrics_log.log(it + 1, metrics)
         if not finite and (args.nan_policy == "stop" or bad_steps >= args.max_skipped_iters):
             metrics_log.close()
+            saves.wait()  # a good checkpoint may still be in flight
             last = checkpoint.latest_iteration(args.save) if args.save else None
             raise FloatingPointError(
                 f"non-finite loss/gradients at iteration {it + 1} ({bad_steps} in a row, --nan-policy "
@@ -351,10 +376,17 @@ def _train(args, preempt: PreemptionFlag) -> dict:
                      metrics["lr"], grad_norm, metrics["tokens_per_s"])
         done = it + 1 == args.train_iters
         stopped = preempt.any_rank()
+        saves.poll()  # commits background saves every rank has finished (collective, does not wait)
         if args.save and (done or stopped or (args.save_interval and (it + 1) % args.save_interval == 0)):
             state = {"stage": args.stage, "iteration": it + 1, "consumed_samples": consumed, "rng": rng_state(),
                      "bad_steps": bad_steps}
-            checkpoint.save_checkpoint(args.save, it + 1, student, stage.desc, optimizer, state, args.keep_last)
+            if args.zero_stage == 3:  # the engine state, then the gathered model (zero3.py)
+                optimizer.save(it + 1, stage.desc, state, args.keep_last)
+            else:
+                checkpoint.save_checkpoint(args.save, it + 1, student, stage.desc, optimizer, state, args.keep_last,
+                                           async_saves=saves if args.async_save else None)
+        if done or stopped:
+            saves.wait()  # the last checkpoint is committed before train() returns or a pre-empted job exits
         if stopped:
             log.warning("stopped at iteration %d after a checkpoint (pre-emption)", it + 1)
             break
@@ -369,13 +401,14 @@ def _train(args, preempt: PreemptionFlag) -> dict:
 
 @torch.no_grad()
 def evaluate(stage, dataset, args, device, autocast) -> float:
-    stage.student.eval()
     loader = make_dataloader(dataset, args.micro_batch_size, 0, args.seed)
-    losses = []
-    for i, batch in enumerate(loader):
-        if i >= args.eval_iters:
-            break
-        with autocast:
-            losses.append(parallel.context_parallel_mean(float(stage.loss(parallel.local_batch(batch, device)))))
-    stage.student.train()
-    return sum(losses) / max(1, len(losses))
+    batches = [parallel.local_batch(batch, device) for batch, _ in zip(loader, range(args.eval_iters))]
+    if not batches:
+        return float("nan")
+    for model in stage.student:
+        model.eval()
+    loss = pipeline.run(stage.chunks, batches, args.seq_length, args.micro_batch_size * stage.stacked,
+                        forward_only=True, autocast=autocast, whole_model_loss=stage.loss)
+    for model in stage.student:
+        model.train()
+    return parallel.context_parallel_mean(loss)

@@ -1,7 +1,7 @@
 """Worker run under `torchrun` (gloo on CPU) by the tests: builds a model at the given TP size,
 loads a checkpoint and writes what the test compares to OUT (rank 0 only).
 
-    torchrun --nproc-per-node 2 tests/dist_worker.py MODE CKPT OUT [TP [CP]]
+    torchrun --nproc-per-node 2 tests/dist_worker.py MODE CKPT OUT [TP [CP [SP]]]   (SP: 1 = sequence parallel)
 """
 
 import os
@@ -27,11 +27,24 @@ def tokens(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(7))
 
 
-def main(mode: str, ckpt: str, out: str, tp: int, cp: int = 1) -> None:
+def full_grad_norms(model) -> dict:
+    """Gradient norm of every full parameter: tensor-parallel shards' squares summed over the TP group."""
+    norms = {}
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.double().pow(2).sum()
+        if getattr(p, "tensor_model_parallel", False):
+            torch.distributed.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        norms[name] = sq.sqrt().item()
+    return norms
+
+
+def main(mode: str, ckpt: str, out: str, tp: int, cp: int = 1, sp: int = 0) -> None:
     parallel.initialize(tp, 1, cp)
     desc = read_model_description(checkpoint.resolve(ckpt))
-    model = build_model(config_from_description(desc, tensor_model_parallel_size=tp), desc["vocab_size"],
-                        desc["tie_word_embeddings"])
+    config = config_from_description(desc, tensor_model_parallel_size=tp, sequence_parallel=bool(sp))
+    model = build_model(config, desc["vocab_size"], desc["tie_word_embeddings"])
     checkpoint.load_checkpoint(ckpt, model, desc, load_state=False)
     x = tokens(desc["vocab_size"])
     inputs, labels = (parallel.context_parallel_chunk(t) for t in (x[:, :-1], x[:, 1:]))
@@ -50,8 +63,9 @@ def main(mode: str, ckpt: str, out: str, tp: int, cp: int = 1) -> None:
         if cp > 1:  # each rank's loss is the mean over its chunk: the sequence's loss is their mean
             torch.distributed.all_reduce(loss, group=parallel_state.get_context_parallel_group())
             loss /= cp
-        grads = {n: p.grad.norm().item() for n, p in model.named_parameters() if p.grad is not None}
-        result = {"loss": loss, "grads": grads, "grad_norm": torch.tensor(clip_grad_norm(list(model.parameters()), 0.0))}
+        grads = full_grad_norms(model)
+        grad_norm = torch.tensor(clip_grad_norm(list(model.parameters()), 0.0))
+        result = {"loss": loss, "grads": grads, "grad_norm": grad_norm}
     elif mode == "save":
         save_root = out + ".ckpt"
         checkpoint.save_checkpoint(save_root, 3, model, desc)

@@ -21,8 +21,8 @@ def torchrun(nproc: int, script: str, *args, timeout: int = 300) -> subprocess.C
     return proc
 
 
-def worker(nproc: int, mode: str, ckpt: str, out: str, tp: int, cp: int = 1) -> dict:
-    torchrun(nproc, WORKER, mode, ckpt, out, tp, cp)
+def worker(nproc: int, mode: str, ckpt: str, out: str, tp: int, cp: int = 1, sp: bool = False) -> dict:
+    torchrun(nproc, WORKER, mode, ckpt, out, tp, cp, int(sp))
     return torch.load(out, weights_only=False)
 
 
@@ -51,3 +51,53 @@ def rel_err(out, ref) -> float:
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all(), "non-finite (unwritten or overflowed) elements"
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make_distill_work(root, pattern: str = "ALLA"):
+    """A tiny teacher with tied embeddings, a `pattern` student initialised from it (which `--stage distill
+    --load <root>/hybrid` loads as is), a tokenizer and preprocessed data, all under `root`."""
+    from transformers import AutoTokenizer
+
+    from megatron_hypenet import checkpoint, parallel
+    from megatron_hypenet.arguments import parse_args
+    from megatron_hypenet.config import model_description, read_model_description
+    from megatron_hypenet.convert import hf_to_mcore
+    from megatron_hypenet.corpus import generate_corpus
+    from megatron_hypenet.halo.init import init_student_from_teacher
+    from megatron_hypenet.halo.stages import build_from_description
+    from megatron_hypenet.tiny import save_random_qwen3
+    from tools.preprocess_data import preprocess
+    from tools.train_tokenizer import train_tokenizer
+
+    corpus = generate_corpus(str(root / "corpus.jsonl"), num_docs=150, seed=0, doc_tokens_hint=200)
+    train_tokenizer([corpus], vocab_size=300, out_dir=str(root / "tokenizer"))
+    tok = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+    hf = save_random_qwen3(str(root / "hf"), seed=0, tokenizer_dir=str(root / "tokenizer"), vocab_size=len(tok),
+                           eos_token_id=tok.eos_token_id, tie=True)
+    preprocess([corpus], hf, str(root / "data" / "corpus"), append_eod=True)
+    parallel.initialize(1, 1)
+    hf_to_mcore(hf, str(root / "teacher"))
+    t_desc = read_model_description(checkpoint.resolve(str(root / "teacher")))
+    args = parse_args(["--stage", "distill", "--teacher", str(root / "teacher"), "--data-path", "x"])
+    teacher, _ = build_from_description(t_desc, args, teacher=True)
+    checkpoint.load_checkpoint(str(root / "teacher"), teacher, t_desc, load_state=False)
+    student, _ = build_from_description(t_desc, args, layer_pattern=pattern, attention_rope=False)
+    init_student_from_teacher(student, teacher)
+    desc = model_description(student.config, t_desc["vocab_size"], True, t_desc["hf_extra"])
+    checkpoint.save_checkpoint(str(root / "hybrid"), 0, student, desc)
+    return root
+
+
+def distill_flags(work, save, pattern: str = "ALLA", *extra) -> list:
+    """pretrain_hypenet.py flags of a short distill run on `make_distill_work`'s folder."""
+    return ["--stage", "distill", "--teacher", work / "teacher", "--load", work / "hybrid", "--layer-pattern", pattern,
+            "--data-path", work / "data" / "corpus", "--tokenizer", work / "hf", "--seq-length", 64,
+            "--micro-batch-size", 2, "--global-batch-size", 8, "--split", "90,10,0", "--train-iters", 5,
+            "--lr", 3e-3, "--lr-warmup-iters", 2, "--lr-decay-style", "constant", "--clip-grad", 0.05,
+            "--save-interval", 3, "--no-progress", "--save", save, *extra]
+
+
+def metrics(save) -> list:
+    import json
+
+    return [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]

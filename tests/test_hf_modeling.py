@@ -376,3 +376,93 @@ def test_teacher_export_is_a_plain_qwen3_folder(tmp_path, tied):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, qwen(ids).logits)
     assert AutoTokenizer.from_pretrained(out)("w5 w7").input_ids == [5, 7]
+
+
+# (h) inference paths: grouped attention without K/V copies, unmaterialised chunk masks, in-place decode state
+
+
+def _repeated_kv_attention(q, k, v, mask):
+    """The reference: K/V repeated per query head, the mask materialised as a bool tensor."""
+    G = q.shape[1] // k.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    if mask is None:  # causal where T == S, one query seeing every key where T == 1
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    elif not isinstance(mask, torch.Tensor):
+        mask = mask._materialize(q.device)
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), attn_mask=mask, scale=0.3
+    )
+
+
+@pytest.mark.parametrize("T, S, mask_kind", [(1, 9, "bool"), (1, 9, None), (6, 6, None), (4, 11, "lower_right"),
+                                             (4, 11, "bool")])
+def test_grouped_attention_matches_repeated_kv(T, S, mask_kind):
+    from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+    from megatron_hypenet.hf.modeling_hypenet import grouped_attention
+
+    torch.manual_seed(0)
+    B, H, G, D = 2, 6, 2, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, G, S, D), torch.randn(B, G, S, D)
+    mask = None
+    if mask_kind == "bool":  # causal, bottom-right aligned, and a padded first key in batch row 0
+        mask = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]).expand(B, 1, T, S).clone()
+        mask[0, :, :, 0] = False
+    elif mask_kind == "lower_right":
+        mask = causal_lower_right(T, S)
+        assert isinstance(mask, CausalBias)
+    expected = _repeated_kv_attention(q, k, v, mask)
+    assert (grouped_attention(q, k, v, mask, scale=0.3) - expected).abs().max().item() <= 1e-5
+
+
+def test_unpadded_chunked_prefill_uses_an_unmaterialised_causal_bias(hybrid):
+    from torch.nn.attention.bias import CausalBias
+
+    from megatron_hypenet.hf.modeling_hypenet import _causal_mask
+
+    assert isinstance(_causal_mask(None, 5, 10, "cpu"), CausalBias)  # a later chunk: bottom-right causal
+    assert _causal_mask(None, 5, 0, "cpu") is None and _causal_mask(None, 1, 10, "cpu") is None
+    model, _, _ = hybrid
+    ids = torch.randint(1, VOCAB, (2, 23))
+    with torch.no_grad():
+        one_shot = model(ids).logits
+        chunked = model(ids, prefill_chunk_size=5).logits  # no padding mask: chunks 2.. take the CausalBias
+    assert (chunked - one_shot).abs().max().item() <= 1e-4
+
+
+def test_decode_updates_conv_tails_in_place(hybrid):
+    """A decode step writes the Lightning layers' conv tails into the tensors it found (a CUDA graph
+    replays fixed addresses), with the values a fresh cache would hold."""
+    model, _, _ = hybrid
+    ids = torch.randint(1, VOCAB, (1, 9))
+    with torch.no_grad():
+        cache = model(ids[:, :8]).past_key_values
+        lightning = [c for m, c in zip(model.config.layer_pattern, cache.layers) if m == "L"]
+        before = [{n: t.data_ptr() for n, t in c.conv_states.items()} for c in lightning]
+        model(ids[:, 8:], past_key_values=cache)
+        fresh = model(ids).past_key_values
+    fresh_lightning = [c for m, c in zip(model.config.layer_pattern, fresh.layers) if m == "L"]
+    for c, ptrs, f in zip(lightning, before, fresh_lightning):
+        assert {n: t.data_ptr() for n, t in c.conv_states.items()} == ptrs
+        for n in "qkv":
+            assert torch.allclose(c.conv_states[n], f.conv_states[n], atol=1e-6)
+
+
+def test_bench_decode_step_compiles_once_per_layer_kind_and_matches_hf():
+    """tools/bench_inference.py's decode step (the HF modules' project/output, static K/V, in-place
+    states), traced by torch.compile (aot_eager: the tracing and functionalisation inductor gets), against
+    the HF forward; dynamo must reuse one graph per layer kind, or the GPU run would compile per layer."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tools import bench_inference
+
+    torch.manual_seed(0)
+    model = _perturb(HypeNetForCausalLM(_hybrid_config(layer_pattern="LALLAL", num_hidden_layers=6)))
+    torch._dynamo.reset()
+    counters.clear()
+    error = bench_inference.check_against_hf(model, model, torch.device("cpu"), chunk=300, backend="aot_eager")
+    assert error <= 1e-5
+    assert counters["stats"]["unique_graphs"] == 3  # a Lightning layer, an attention layer, the head
+    result = bench_inference.measure(model, 2500, 1024, torch.device("cpu"), "aot_eager")  # a longer K/V buffer
+    assert result["status"] == "ok" and counters["stats"]["unique_graphs"] == 3  # ... compiled for any length

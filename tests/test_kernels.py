@@ -87,6 +87,9 @@ CASES = {
     "bf16-batch": (2, 50, 2, 32, 32, torch.bfloat16, None, False, dict(chunk_size=16, block_chunks=2, scan_chunk=32)),
     "fp16-varlen-int32": (1, 45, 1, 16, 16, torch.float16, [0, 17, 45], True, dict(chunk_size=16, block_chunks=1, scan_chunk=16)),
     "fp32-short-seq-default-config": (1, 3, 2, 16, 16, torch.float32, None, True, {}),
+    # 5 blocks chained 2 at a time: the carry between scan groups, in both directions.
+    "fp32-varlen-h0-chain-groups": (1, 75, 2, 16, 16, torch.float32, [0, 70, 75], True,
+                                    dict(chunk_size=16, block_chunks=1, scan_chunk=16, chain_blocks=2, chain_elems=64)),
 }
 
 

@@ -2,9 +2,9 @@
 checkpoint write, bad inputs that must leave checkpoints untouched, the NaN policy, metrics and config.
 
 The trainer runs as `python pretrain_hypenet.py ...` in subprocesses (own process group, so a kill
-takes dist_checkpointing's helper process too); the bad-input and NaN cases run in-process. A tiny
-2-layer teacher on generated text is made once for the module; the uninterrupted baselines run in the
-background while the tests start their own runs (2 cores: two trainers at a time).
+takes dist_checkpointing's helper process too); the bad-input, NaN and async-snapshot cases run
+in-process. A tiny 2-layer teacher on generated text is made once for the module; the uninterrupted
+baselines run in the background while the tests start their own runs (2 cores: two trainers at a time).
 """
 
 import hashlib
@@ -154,16 +154,20 @@ class Env:
         return run.save
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def make_env(work) -> Env:
+    """The tiny teacher (converted to a checkpoint) and its data in `work`; no run is started."""
     from megatron_hypenet.convert import hf_to_mcore
     from megatron_hypenet.recipe import _prepare_teacher_and_data
 
-    work = tmp_path_factory.mktemp("ops")
     hf, prefix = _prepare_teacher_and_data(RECIPE, str(work))
-    teacher = str(work / "teacher")
+    teacher = os.path.join(str(work), "teacher")
     hf_to_mcore(hf, teacher)
-    e = Env(work, hf, prefix, teacher)
+    return Env(work, hf, prefix, teacher)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = make_env(tmp_path_factory.mktemp("ops"))
     e.start_baseline("pretrain")  # both uninterrupted baselines the kill tests compare against
     e.start_baseline("align")
     yield e
@@ -195,17 +199,26 @@ def load_all(save):
 
 # ---- 1. a real kill at step k, then the same command: the same loss curve, bit for bit ------------------
 
-@pytest.mark.parametrize("stage", ["pretrain", "distill"])
-def test_kill_then_resume_reproduces_the_uninterrupted_run(env, stage):
+ASYNC = "--async-save"
+BACKGROUND = "in the background (--async-save)"  # logged by each async save
+
+
+@pytest.mark.parametrize("stage, extra", [("pretrain", ()), ("distill", ()), ("pretrain", (ASYNC,))],
+                         ids=["pretrain", "distill", "pretrain-async-save"])
+def test_kill_then_resume_reproduces_the_uninterrupted_run(env, stage, extra):
+    """With --async-save the killed run's checkpoints were written in the background (one may be in flight
+    at the kill) and compared with the synchronous baseline: the async write must hold the state at the save."""
     if stage == "distill":
         env.baseline("align")
         env.start_baseline("distill")
-    save = env.path(f"{stage}_killed")
-    cmd = env.train_cmd(stage, save)
+    save = env.path(f"{stage}_killed" + ("_async" if extra else ""))
+    cmd = env.train_cmd(stage, save) + list(extra)
     at, rows = Run(cmd, save).kill_after_checkpoint(KILL_AT)
     assert at >= KILL_AT and rows >= at  # rows past `at` are steps the resumed run repeats
     Run(cmd, save).wait()  # the same command resumes
-    assert "resumed %s at iteration %d" % (stage, at) in open(save + ".log").read()
+    log = open(save + ".log").read()
+    assert "resumed %s at iteration %d" % (stage, at) in log
+    assert (BACKGROUND in log) == bool(extra)
     expected = losses(env.baseline(stage))
     assert len(expected) == ITERS
     assert losses(save) == expected  # exact; losses() also refuses duplicated iterations
@@ -216,10 +229,13 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(env, stage):
 
 # ---- 2. SIGTERM (to the whole process group, as Slurm does): checkpoint, exit code 0 ---------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_preemption_signal_saves_and_exits_cleanly(env, sig):
-    save = env.path("preempted")
-    run = Run(env.cmd("pretrain", save, "--train-iters", "500"), save)
+@pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, ()), (signal.SIGTERM, (ASYNC, "--save-interval", "1"))],
+                         ids=["sync", "async-save"])
+def test_preemption_signal_saves_and_exits_cleanly(env, sig, extra):
+    """With --async-save and a save every iteration, a background write is mostly in flight when the signal
+    comes (to the writer processes too): the trainer still commits a final checkpoint at the stop."""
+    save = env.path("preempted" + ("_async" if extra else ""))
+    run = Run(env.cmd("pretrain", save, "--train-iters", "500", *extra), save)
     t0 = time.time()
     while len(metrics(save)) < 3:
         assert run.proc.poll() is None and time.time() - t0 < 180, open(run.log).read()[-4000:]
@@ -233,25 +249,81 @@ def test_preemption_signal_saves_and_exits_cleanly(env, sig):
     assert not [d for d in os.listdir(save) if d.endswith(".tmp")]
     state = load_all(save)
     assert state["iteration"] == stopped and state["consumed_samples"] == 4 * stopped and state["stage"] == "pretrain"
-    assert '"preempted": true' in open(run.log).read()
+    log = open(run.log).read()
+    assert '"preempted": true' in log
+    assert (BACKGROUND in log) == bool(extra)
 
 
 # ---- 3. a kill in the middle of a checkpoint write ------------------------------------------------------
 
-def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(env):
+@pytest.mark.parametrize("extra", [(), (ASYNC,)], ids=["sync", "async-save"])
+def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(env, extra):
+    """The hook exits after iteration KILL_AT's tensors are written (sync) or while their background write
+    is in flight (async: the trainer dies right after starting the writer, which the group kill then ends)."""
     env.start_config_run()  # (test_config_file_reproduces_the_run's run, in parallel with this one)
-    save = env.path("died_in_save")
-    cmd = env.train_cmd("pretrain", save)
+    save = env.path("died_in_save" + ("_async" if extra else ""))
+    cmd = env.train_cmd("pretrain", save) + list(extra)
     Run(cmd, save, env={"HYPENET_TEST_DIE_IN_SAVE": str(KILL_AT)}).wait(expect=1)
     previous = KILL_AT - SAVE_INTERVAL
     assert tracker(save) == previous
-    assert os.path.isdir(os.path.join(save, f"iter_{KILL_AT:07d}.tmp"))  # tensors written, never renamed
+    partial = os.path.join(save, f"iter_{KILL_AT:07d}.tmp")
+    assert os.path.isdir(partial)  # started, never renamed
+    # sync: the write had finished (metadata.json is its last file); async: it was never finalized
+    assert os.path.exists(os.path.join(partial, "metadata.json")) != bool(extra)
     assert not os.path.exists(os.path.join(save, f"iter_{KILL_AT:07d}"))
     assert load_all(save)["iteration"] == previous
     Run(cmd, save).wait()
     assert f"resumed pretrain at iteration {previous}" in open(save + ".log").read()
     assert not [d for d in os.listdir(save) if d.endswith(".tmp")]  # the stale partial save was removed
     assert losses(save) == losses(env.baseline("pretrain"))
+
+
+def check_async_save_holds_the_state_at_the_save(teacher, save, device="cpu"):
+    """Saves asynchronously, then takes an AdamW step at once (before the background write can have read
+    the tensors): the committed checkpoint must hold the parameters and moments of the moment of the save."""
+    import torch
+
+    from megatron_hypenet import checkpoint, parallel
+    from megatron_hypenet.config import config_from_description, read_model_description
+    from megatron_hypenet.model import build_model
+
+    parallel.initialize(1, 1)
+    desc = read_model_description(checkpoint.resolve(teacher))
+
+    def model_and_optimizer():
+        model = build_model(config_from_description(desc), desc["vocab_size"], desc["tie_word_embeddings"]).to(device)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, optimizer):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+
+    def snapshot(model, optimizer):
+        moments = [t for s in optimizer.state.values() for k, t in sorted(s.items()) if k != "step"]
+        return [t.detach().cpu().clone() for t in [*model.parameters(), *moments]]
+
+    model, optimizer = model_and_optimizer()
+    checkpoint.load_checkpoint(teacher, model, desc, load_state=False)
+    step(model, optimizer)
+    at_save = snapshot(model, optimizer)
+    saves = checkpoint.AsyncSaves()
+    path = checkpoint.save_checkpoint(save, 1, model, desc, optimizer, {"iteration": 1}, async_saves=saves)
+    step(model, optimizer)  # in place, while the write runs
+    assert len(saves) == 1 and tracker(save) is None and not os.path.exists(path)  # committed only by poll/wait
+    saves.wait()
+    assert len(saves) == 0 and tracker(save) == 1 and os.path.isdir(path)
+    loaded, loaded_optimizer = model_and_optimizer()
+    checkpoint.load_checkpoint(save, loaded, desc, loaded_optimizer)
+    after = snapshot(model, optimizer)
+    got = snapshot(loaded, loaded_optimizer)
+    assert len(got) == len(at_save) == len(after) > 0
+    assert all(not torch.equal(a, b) for a, b in zip(at_save, after))  # the step changed every tensor
+    assert all(torch.equal(g, a) for g, a in zip(got, at_save))
+
+
+def test_async_save_holds_the_state_at_the_save(env):
+    check_async_save_holds_the_state_at_the_save(env.teacher, env.path("async_snapshot"))
 
 
 # ---- 4. config.yaml reproduces the run --------------------------------------------------------------------

@@ -2,22 +2,27 @@
 
 Both models are built with random bf16 weights in one process and measured the same way:
 
-- prefill: the whole context in chunks (`--prefill-chunk`) through the models' own HF decoder layers,
-  with K/V written into a preallocated buffer, so memory stays bounded by the KV cache plus one chunk;
+- prefill: the whole context in chunks (`--prefill-chunk`) through the HF model's own layer loop, with
+  K/V written into a preallocated buffer, so memory stays bounded by the KV cache plus one chunk;
 - decode: one token at the end of that context, a whole-model step captured in a CUDA graph (static
   buffers, no Python or launch overhead), replayed and timed with CUDA events;
 - peak memory: `torch.cuda.max_memory_allocated` over prefill + decode, this model's weights included
-  (the other model's, resident too, subtracted).
+  (the other model's, resident too, subtracted);
+- floor: the bytes a decode token must move (weights, K/V, Lightning states) over the measured
+  device-to-device copy rate, for both models, to show what bounds the ratio.
 
 The Qwen3 is `transformers.Qwen3ForCausalLM` with its weights moved into an all-attention HypeNet module
 graph (`attention_rope=True`, no HyPE scale), which is exactly Qwen3 (tests/test_hf_modeling.py checks
 it; this script checks it again against Qwen3ForCausalLM's logits before timing). So both models run the
 same prefill and decode code: the only difference measured is the layer pattern.
 
-The decode step is written out here (the HF `HypeNetCache` allocates new tensors each step, which a CUDA
-graph cannot replay): attention reads the static K/V buffer without repeating it per query head (the
+The decode step (`decode_layer`) runs the HF modules' own `project`/`output`/`mlp` over static buffers:
+attention writes K/V at a tensor position and reads the buffer without repeating it per query head (the
 query heads of a KV group act as query rows), Lightning layers update their fp32 state in place with the
-Triton step kernel. `check_against_hf` compares it with the HF forward before anything is timed.
+Triton step kernel (a custom op), projections sharing an input are one matmul. Each layer is compiled by
+torch.compile (inductor on CUDA: one graph per layer kind, reused by every layer and context length),
+then the whole step is captured in one CUDA graph. `check_against_hf` compares it with the HF forward
+before anything is timed.
 
     python tools/bench_inference.py --lengths 8192 32768 131072 --out results.json
     python tools/bench_inference.py --device cpu --tiny --lengths 64 128   # smoke test, no GPU
@@ -31,22 +36,22 @@ import os
 import statistics
 import sys
 import time
+import traceback
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
 from megatron_hypenet.hf.modeling_hypenet import (  # noqa: E402
     HypeNetForCausalLM,
     HypeNetLightningCacheLayer,
     _slopes,
-    apply_rope,
-    query_scale,
     rope_cos_sin,
 )
 
@@ -106,17 +111,19 @@ class StaticCache:
             if mixer == ATTENTION:
                 self.k[i] = torch.empty(shape, device=device, dtype=dtype)
                 self.v[i] = torch.empty(shape, device=device, dtype=dtype)
+                for t in (self.k[i], self.v[i]):  # one compiled decode step for every context length
+                    torch._dynamo.maybe_mark_dynamic(t, 2)
             self.layers.append(None if mixer == ATTENTION else HypeNetLightningCacheLayer())
-        self.length = 0  # tokens already in the cache
+        self.seen_tokens = 0  # tokens already in the cache (the name HypeNetModel counts them by)
 
     def update(self, k, v, layer_idx):
-        s, e = self.length, self.length + k.shape[2]
+        s, e = self.seen_tokens, self.seen_tokens + k.shape[2]
         self.k[layer_idx][:, :, s:e] = k
         self.v[layer_idx][:, :, s:e] = v
         return self.k[layer_idx][:, :, :e], self.v[layer_idx][:, :, :e]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return self.seen_tokens
 
 
 def _rope(model, position_ids, dtype):
@@ -125,146 +132,151 @@ def _rope(model, position_ids, dtype):
 
 @torch.no_grad()
 def prefill(model, cache: StaticCache, input_ids: torch.Tensor, chunk: int, progress: bool = False):
-    """Runs `input_ids` ``[1, T]`` through the model's own decoder layers, `chunk` tokens at a time;
+    """Runs `input_ids` ``[1, T]`` through the HF model's own layer loop, `chunk` tokens at a time;
     returns the logits of the last token. Later chunks attend to the cache with a bottom-right causal
-    mask (never materialised, so flash attention applies)."""
+    bias (never materialised, so flash attention applies)."""
     inner = model.model
     T = input_ids.shape[1]
-    for s in tqdm(range(0, T, chunk), desc="prefill", unit="chunk", leave=False, disable=not progress):
+    for s in tqdm(range(0, T, chunk), desc="prefill", unit="chunk", leave=False,
+                  disable=not progress or bool(os.environ.get("TQDM_DISABLE"))):
         ids = input_ids[:, s:s + chunk]
-        n, past = ids.shape[1], cache.length
-        hidden = inner.embed_tokens(ids)
-        position_ids = torch.arange(past, past + n, device=ids.device)[None]
-        mask = None if past == 0 else causal_lower_right(n, past + n)
-        rope = _rope(model, position_ids, hidden.dtype)
-        for layer in inner.layers:
-            hidden = layer(hidden, position_ids=position_ids, position_embeddings=rope, attention_mask=mask,
-                           token_mask=None, past_key_values=cache)
-        cache.length += n
+        position_ids = torch.arange(cache.seen_tokens, cache.seen_tokens + ids.shape[1], device=ids.device)[None]
+        hidden, _ = inner._run_layers(inner.embed_tokens(ids), position_ids, None, cache, False)
     return model.lm_head(inner.norm(hidden[:, -1:]))
 
 
-def decode_attention(q, k, v, scale, valid: int, bias, backend="split"):
-    """One query per head over every cached key. q ``[1, H, 1, D]``; k, v the whole static buffer
-    ``[1, G, Lp, D]`` of which the first `valid` are keys; bias ``[Lp]`` (0 for those, -inf after). The H/G query heads of a
-    KV group become query rows of that group, so K/V are read once and never repeated per head.
+def decode_attention(q, k, v, scale, pos):
+    """One query per head over the static buffer. q ``[1, H, 1, D]``; k, v ``[1, G, Lp, D]`` of which
+    positions ``<= pos`` (a 1-element tensor) hold keys. The H/G query heads of a KV group become query
+    rows of that group, so K/V are read once and never repeated per head.
 
-    "split" is flash decoding with matmuls: scores for all keys, softmax, then P @ V over `SPLIT`-token
-    splits in parallel, summed; a fused attention kernel parallelises over heads only, which leaves most
-    of the GPU idle at batch 1 (measured ~10x slower at 256K). "sdpa" is kept for comparison."""
+    Flash decoding with matmuls: scores for all keys, softmax, then P @ V over `SPLIT`-token splits in
+    parallel, summed. A fused attention kernel parallelises over heads only, which leaves most of the
+    GPU idle at batch 1 (SDPA measured ~6x slower at 256K+)."""
     B, H, _, D = q.shape
     G, Lp = k.shape[1], k.shape[2]
-    q = q.reshape(B, G, H // G, D)
-    if backend == "sdpa":
-        o = F.scaled_dot_product_attention(q, k[:, :, :valid], v[:, :, :valid], scale=scale)
-        return o.reshape(B, H, 1, D)
-    p = torch.softmax((q @ k.transpose(-1, -2)).float() * scale + bias, dim=-1).to(v.dtype)  # [B, G, r, Lp]
     r, S = H // G, Lp // SPLIT
-    p = p.view(B, G, r, S, SPLIT).transpose(2, 3)  # [B, G, S, r, SPLIT]
+    s = (q.reshape(B, G, r, D) @ k.transpose(-1, -2)).float() * scale  # [B, G, r, Lp]
+    s = s.masked_fill(torch.arange(Lp, device=q.device) > pos, float("-inf"))  # no keys there yet
+    p = torch.softmax(s, dim=-1).to(v.dtype).view(B, G, r, S, SPLIT).transpose(2, 3)  # [B, G, S, r, SPLIT]
     o = (p @ v.view(B, G, S, SPLIT, D)).sum(2, dtype=torch.float32)  # [B, G, r, D]
     return o.to(v.dtype).reshape(B, H, 1, D)
 
 
-def _lightning_step(q, k, v, slopes, state, scale):
-    """One token of Lightning Attention updating `state` in place (the same address every replay)."""
+@torch.library.custom_op("hypenet_bench::lightning_step_", mutates_args=("state",))
+def lightning_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, state: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """One token of Lightning Attention updating `state` in place (the same address every replay). An
+    opaque op to torch.compile: the Triton step kernel runs as it is inside a compiled decode step."""
     if q.is_cuda:
         from kernels.lightning.fused_recurrent import fused_recurrent_lightning_step
 
         return fused_recurrent_lightning_step(q, k, v, slopes, state, scale, out_state=state)[0]
-    from kernels.lightning.naive import lightning_attention_step_ref
-
     o, new_state = lightning_attention_step_ref(q, k, v, slopes, state, scale)
     state.copy_(new_state)
     return o
 
 
-def _conv_step(conv, x, past):
-    """Short conv for one token; `past` (the last K - 1 inputs) is updated in place."""
-    full = torch.cat([past.to(x.dtype), x], dim=1)
-    past.copy_(full[:, 1:])
-    return F.conv1d(full.transpose(1, 2), conv.weight, groups=x.shape[-1]).transpose(1, 2)
+@lightning_step_.register_fake
+def _(q, k, v, slopes, state, scale):
+    return torch.empty_like(v)
 
 
-def _attention_decode(attn, x, position_ids, rope, cache, i, pos, bias, backend):
-    """HypeNetAttention.forward for one token at position `pos`, K/V written into the static buffer."""
-    D, c = attn.head_dim, attn.config
-    q = attn.q_norm(attn.q_proj(x).view(1, 1, -1, D))
-    k = attn.k_norm(attn.k_proj(x).view(1, 1, -1, D))
-    v = attn.v_proj(x).view(1, 1, -1, D)
-    if c.attention_rope:
-        cos, sin = rope[D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if c.attention_query_scale_base is not None:
-        q = q * query_scale(position_ids, c.attention_query_scale_base)[:, :, None, None].to(q.dtype)
-    cache.k[i][:, :, pos] = k[:, 0]
-    cache.v[i][:, :, pos] = v[:, 0]
-    o = decode_attention(q.transpose(1, 2), cache.k[i], cache.v[i], D**-0.5, pos + 1, bias, backend)
-    return attn.o_proj(o.transpose(1, 2).reshape(1, 1, -1))
+def decode_layer(layer, hidden, position_ids, rope, k_cache, v_cache, lightning_cache, slopes, fused):
+    """`HypeNetDecoderLayer.forward` for one token at `position_ids` ``[1, 1]``, through the HF modules'
+    own `project`/`output`/`mlp`, the projections that share an input taken in one matmul over `fused`
+    (`fuse_projections`): attention writes its K/V into the static buffers (in place, at a tensor
+    position, so one graph serves every position), Lightning updates its fp32 state in place."""
+    w_in, w_mlp, sizes = fused
+    x = layer.input_layernorm(hidden)
+    projections = F.linear(x, w_in).split(sizes, dim=-1)
+    if layer.is_attention:
+        attn = layer.self_attn
+        q, k, v = attn.project(x, position_ids, rope, projections)  # [1, 1, heads, D]
+        pos = position_ids[0]
+        k_cache[:, :, pos] = k.transpose(1, 2)
+        v_cache[:, :, pos] = v.transpose(1, 2)
+        o = decode_attention(q.transpose(1, 2), k_cache, v_cache, attn.head_dim**-0.5, pos)
+        x = attn.o_proj(o.reshape(1, 1, -1))
+    else:
+        la = layer.linear_attn
+        q, k, v = la.project(x, rope, None, lightning_cache, projections[:3])  # conv tails updated in place
+        o = lightning_step_(q[:, 0], k[:, 0], v[:, 0], slopes, lightning_cache.recurrent_state, la.scale)
+        x = la.output(o.reshape(1, 1, -1), x, projections[3] if len(projections) > 3 else None)
+    hidden = hidden + x
+    h = layer.post_attention_layernorm(hidden)
+    return hidden + layer.mlp(h, F.linear(h, w_mlp).chunk(2, dim=-1))
 
 
-def _lightning_decode(la, x, rope, layer_cache):
-    """HypeNetLightningAttention.forward for one token, the recurrent (and conv) state updated in place."""
-    H, D, c = la.num_heads, la.head_dim, la.config
-    q, k, v = la.q_proj(x), la.k_proj(x), la.v_proj(x)
-    if c.lightning_short_conv:
-        q, k, v = (_conv_step(getattr(la, f"{n}_conv"), t, layer_cache.conv_states[n])
-                   for n, t in (("q", q), ("k", k), ("v", v)))
-    q, k, v = (t.view(1, 1, H, D) for t in (q, k, v))
-    if c.lightning_qk_norm:
-        q, k = la.q_norm(q), la.k_norm(k)
-    if c.lightning_rope:
-        cos, sin = rope[D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = _lightning_step(q[:, 0], k[:, 0], v[:, 0], _slopes(H, x.device), layer_cache.recurrent_state, la.scale)
-    o = o.reshape(1, 1, H * D)
-    if c.lightning_output_norm:
-        o = la.o_norm(o)
-    if c.lightning_output_gate:
-        o = o * torch.sigmoid(la.g_proj(x))
-    return la.o_proj(o)
+def fuse_projections(model) -> list:
+    """Per layer (w_in, w_mlp, sizes): the weights that multiply the same input, concatenated (q, k, v and
+    the Lightning gate; the MLP's gate and up), so a decode step reads each group in one matmul. The
+    modules' weights become views of these tensors: same values, no extra memory, HF forward unchanged."""
+    fused = []
+    for layer in model.model.layers:
+        mixer = layer.self_attn if layer.is_attention else layer.linear_attn
+        names = ["q_proj", "k_proj", "v_proj"] + (["g_proj"] if hasattr(mixer, "g_proj") else [])
+        w_in = _concat_weights([getattr(mixer, n) for n in names])
+        w_mlp = _concat_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
+        fused.append((w_in, w_mlp, [getattr(mixer, n).out_features for n in names]))
+    return fused
 
 
-def make_decode_step(model, cache: StaticCache, backend="split"):
-    """A no-argument function that decodes the token in `step.token` at position `cache.length` and
-    returns its logits; all its inputs are static tensors, so it can be captured in a CUDA graph."""
+def _concat_weights(linears) -> torch.Tensor:
+    weight = torch.cat([m.weight.detach() for m in linears])
+    for m, part in zip(linears, weight.split([m.out_features for m in linears])):
+        m.weight = torch.nn.Parameter(part, requires_grad=False)
+    return weight
+
+
+def decode_head(model, hidden):
+    return model.lm_head(model.model.norm(hidden))
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn, backend: str):
+    """`fn` compiled once per backend ("none": eager). Dynamo compiles one graph per layer kind and
+    config and reuses it for every layer of that kind (the modules' weights are graph inputs)."""
+    return fn if backend == "none" else torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def make_decode_step(model, cache: StaticCache, backend: str = "none"):
+    """A no-argument function that decodes the token in `step.token` at the position in
+    `step.position_ids` and returns its logits; its inputs are static tensors, so one CUDA graph of it
+    serves every position. `backend`: torch.compile backend of the per-layer step ("none": eager)."""
     inner, config = model.model, model.config
     device, dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
-    pos = cache.length
     token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    position_ids = torch.full((1, 1), pos, dtype=torch.long, device=device)
-    bias = torch.zeros(cache.max_len, device=device)
-    bias[pos + 1:] = float("-inf")  # the buffer past this token holds no keys yet
-    D = config.lightning_head_dim
-    for i, layer_cache in enumerate(cache.layers):  # a fresh cache: zero states (what a prefill would leave)
+    position_ids = torch.full((1, 1), cache.seen_tokens, dtype=torch.long, device=device)
+    H, D = config.lightning_num_heads, config.lightning_head_dim
+    slopes = _slopes(H, device)
+    for layer_cache in cache.layers:  # a fresh cache: zero states (what a prefill would leave)
         if layer_cache is not None and layer_cache.recurrent_state is None:
-            layer_cache.recurrent_state = torch.zeros(1, config.lightning_num_heads, D, D, device=device)
+            layer_cache.recurrent_state = torch.zeros(1, H, D, D, device=device)
         if layer_cache is not None and config.lightning_short_conv and not layer_cache.conv_states:
-            width = config.lightning_num_heads * D
-            layer_cache.conv_states = {n: torch.zeros(1, config.lightning_conv_size - 1, width, device=device,
+            layer_cache.conv_states = {n: torch.zeros(1, config.lightning_conv_size - 1, H * D, device=device,
                                                       dtype=dtype) for n in "qkv"}
+    layer_fn, head_fn = _compiled(decode_layer, backend), _compiled(decode_head, backend)
+    if getattr(model, "fused_projections", None) is None:
+        model.fused_projections = fuse_projections(model)
 
     @torch.no_grad()
     def step():
         hidden = inner.embed_tokens(token)
         rope = _rope(model, position_ids, dtype)
         for i, layer in enumerate(inner.layers):
-            x = layer.input_layernorm(hidden)
-            if layer.is_attention:
-                x = _attention_decode(layer.self_attn, x, position_ids, rope, cache, i, pos, bias, backend)
-            else:
-                x = _lightning_decode(layer.linear_attn, x, rope, cache.layers[i])
-            hidden = hidden + x
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return model.lm_head(inner.norm(hidden))
+            hidden = layer_fn(layer, hidden, position_ids, rope, cache.k.get(i), cache.v.get(i), cache.layers[i],
+                              slopes, model.fused_projections[i])
+        return head_fn(model, hidden)
 
-    step.token = token
+    step.token, step.position_ids = token, position_ids
     return step
 
 
 def capture(step, cache: StaticCache):
     """A function running `step` and returning its logits: on CUDA the replay of a graph of `step` (warmed
-    up on a side stream first, so Triton compiles and cuBLAS picks its kernels outside the capture);
-    elsewhere `step` itself. Warm-up and capture leave the Lightning states as they found them."""
+    up on a side stream first, so torch.compile and Triton compile and cuBLAS picks its kernels outside
+    the capture); elsewhere `step` itself. Warm-up and capture leave the Lightning states as they found them."""
     if not step.token.is_cuda:
         return step
     states = [t for c in cache.layers if c is not None for t in (c.recurrent_state, *c.conv_states.values())]
@@ -292,21 +304,26 @@ def capture(step, cache: StaticCache):
 
 
 @torch.no_grad()
-def check_against_hf(model, reference, device, chunk: int, length: int = 200, decode_steps: int = 4, seed: int = 0):
+def check_against_hf(model, reference, device, chunk: int, backend: str, length: int = SPLIT + 100,
+                     decode_steps: int = 4, seed: int = 0):
     """Relative L2 error of this script's chunked prefill + (graph-captured) decode against the reference
-    HF model's one-shot forward over the same tokens. Returns the worst over the positions checked."""
+    HF model's one-shot forward over the same tokens. One captured step is replayed at successive
+    positions, as a generation loop would. Returns the worst over the positions checked.
+
+    The default length spans two decode splits: a one-split cache would be compiled for its size alone
+    (dynamo specialises a size-1 split count), the timed lengths then compiling once more."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, length + decode_steps), generator=g).to(device)
     ref = reference(ids).logits.float()
     dtype = model.model.embed_tokens.weight.dtype
     cache = StaticCache(model.config, length + decode_steps, device, dtype)
     outs = [prefill(model, cache, ids[:, :length], chunk)]
-    for t in range(decode_steps - 1):  # each step captured at its own position, like the timed ones
-        step = make_decode_step(model, cache)
-        replay = capture(step, cache)
-        step.token.copy_(ids[:, length + t:length + t + 1])
+    step = make_decode_step(model, cache, backend)
+    replay = capture(step, cache)
+    for t in range(length, length + decode_steps - 1):
+        step.token.copy_(ids[:, t:t + 1])
+        step.position_ids.fill_(t)
         outs.append(replay().clone())
-        cache.length += 1
     worst = 0.0
     for j, logits in enumerate(outs):
         r = ref[:, length - 1 + j]
@@ -347,22 +364,7 @@ def _time_replays(replay, device, min_seconds=0.3, repeats=3):
     return statistics.median(times)
 
 
-def _pick_backend(cache, pos, device):
-    """The faster decode attention ("split" or "sdpa") over this cache's first attention layer, timed
-    eagerly; returns (choice, {backend: seconds})."""
-    if device.type != "cuda" or not cache.k:
-        return "split", {}
-    i = next(iter(cache.k))
-    k, v = cache.k[i], cache.v[i]
-    q = torch.randn(1, 2 * k.shape[1], 1, k.shape[-1], device=device, dtype=k.dtype)
-    bias = torch.zeros(cache.max_len, device=device)
-    bias[pos + 1:] = float("-inf")
-    times = {b: _time_replays(lambda: decode_attention(q, k, v, 0.1, pos + 1, bias, b), device, 0.05)
-             for b in ("split", "sdpa")}
-    return min(times, key=times.get), times
-
-
-def measure(model, length: int, chunk: int, device, seed: int = 0) -> dict:
+def measure(model, length: int, chunk: int, device, backend: str, seed: int = 0) -> dict:
     """Prefill `length` random tokens, then time one decode token at that context."""
     dtype = model.model.embed_tokens.weight.dtype
     if device.type == "cuda":
@@ -380,14 +382,11 @@ def measure(model, length: int, chunk: int, device, seed: int = 0) -> dict:
         prefill(model, cache, ids, chunk, progress=True)
         _sync(device)
         prefill_s = time.perf_counter() - t0
-        backend, attention_s = _pick_backend(cache, cache.length, device)
         replay = capture(make_decode_step(model, cache, backend), cache)
         decode_s = _time_replays(replay, device)
         peak = torch.cuda.max_memory_allocated() - others if device.type == "cuda" else None
         result = {"status": "ok", "prefill_s": prefill_s, "prefill_tok_s": length / prefill_s,
-                  "decode_ms": decode_s * 1e3, "decode_attention": backend,
-                  "attention_layer_ms": {b: t * 1e3 for b, t in attention_s.items()},
-                  "peak_gib": None if peak is None else peak / 2**30}
+                  "decode_ms": decode_s * 1e3, "peak_gib": None if peak is None else peak / 2**30}
     except torch.OutOfMemoryError:
         result = {"status": "OOM"}
     finally:
@@ -398,24 +397,55 @@ def measure(model, length: int, chunk: int, device, seed: int = 0) -> dict:
     return result
 
 
+def decode_bytes(model, length: int) -> int:
+    """The fewest bytes one decode token at context `length` moves through device memory: every weight
+    read once (tied embeddings once: the LM head reads the whole table), every attention layer's K/V
+    read, every Lightning state read and written."""
+    c = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    element = model.model.embed_tokens.weight.element_size()
+    attention = c.layer_pattern.count(ATTENTION)
+    kv = attention * 2 * c.num_key_value_heads * (length + 1) * c.head_dim * element
+    states = (len(c.layer_pattern) - attention) * 2 * c.lightning_num_heads * c.lightning_head_dim**2 * 4
+    return weights + kv + states
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30):
+    """Device-to-device copy rate in bytes/s, bytes read plus bytes written (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    src = torch.randn(nbytes // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    seconds = _time_replays(lambda: dst.copy_(src), device, min_seconds=0.2, repeats=5)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds
+
+
 def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
 def markdown_table(results: list) -> str:
-    """One row per context length: both models and the HypeNet/Qwen3 ratios."""
+    """One row per context length: both models, the HypeNet/Qwen3 ratios and the decode bandwidth floors."""
     rows = ["| context | Qwen3 prefill tok/s | HypeNet prefill tok/s | prefill speedup | Qwen3 decode ms/tok | "
-            "HypeNet decode ms/tok | decode speedup | Qwen3 peak GiB | HypeNet peak GiB |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "HypeNet decode ms/tok | decode speedup | Qwen3 floor ms | HypeNet floor ms | floor ratio | "
+            "Qwen3 peak GiB | HypeNet peak GiB |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
         q, h = r["qwen3"], r["hypenet"]
+
         def cell(m, key, spec):
             return m["status"] if m["status"] != "ok" else _fmt(m.get(key), spec)
+
         both = q["status"] == h["status"] == "ok"
         prefill_x = f"{h['prefill_tok_s'] / q['prefill_tok_s']:.2f}x" if both else "-"
         decode_x = f"{q['decode_ms'] / h['decode_ms']:.2f}x" if both else "-"
+        floors = q.get("floor_ms"), h.get("floor_ms")
+        floor_x = f"{floors[0] / floors[1]:.2f}x" if None not in floors else "-"
         rows.append(f"| {r['length']} | {cell(q, 'prefill_tok_s', ',.0f')} | {cell(h, 'prefill_tok_s', ',.0f')} | "
                     f"{prefill_x} | {cell(q, 'decode_ms', '.3f')} | {cell(h, 'decode_ms', '.3f')} | {decode_x} | "
+                    f"{_fmt(floors[0], '.3f')} | {_fmt(floors[1], '.3f')} | {floor_x} | "
                     f"{cell(q, 'peak_gib', '.1f')} | {cell(h, 'peak_gib', '.1f')} |")
     return "\n".join(rows)
 
@@ -431,6 +461,9 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny model (8 layers, hidden 64): smoke tests on CPU")
     p.add_argument("--check-tolerance", type=float, default=0.1,
                    help="max relative logits error against the HF forward before timing (bf16 noise is ~1e-2)")
+    p.add_argument("--compile", default="auto", choices=["auto", "inductor", "aot_eager", "none"],
+                   help="torch.compile backend of the decode step's layers, the same for both models "
+                        "(auto: inductor on CUDA, none elsewhere; aot_eager checks the tracing on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results JSON (rewritten after every measurement)")
     args = p.parse_args(argv)
@@ -441,35 +474,62 @@ def parse_args(argv=None):
     return args
 
 
+def run_checks(models, reference, device, args, backend):
+    chunk = 64 if not args.tiny else 16
+    return {"qwen3": check_against_hf(models["qwen3"], reference, device, chunk, backend),
+            "hypenet": check_against_hf(models["hypenet"], models["hypenet"], device, chunk, backend)}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny) for a smoke test")
+    backend = args.compile if args.compile != "auto" else ("inductor" if device.type == "cuda" else "none")
     shape = TINY if args.tiny else QWEN3_1_7B
     pattern = hybrid_pattern(shape["num_hidden_layers"], args.attention_fraction)
     models, reference = build_models(shape, pattern, device, dtype, args.seed)
-    check_chunk = 64 if not args.tiny else 16
-    checks = {"qwen3": check_against_hf(models["qwen3"], reference, device, check_chunk),
-              "hypenet": check_against_hf(models["hypenet"], models["hypenet"], device, check_chunk)}
+    t0 = time.perf_counter()
+    try:  # the first decode steps compile (both models' layer kinds)
+        checks = run_checks(models, reference, device, args, backend)
+    except Exception:  # noqa: BLE001  (a compiler failure must not lose the run: both models go eager)
+        if backend == "none":
+            raise
+        traceback.print_exc()
+        print(f"WARNING: torch.compile(backend={backend!r}) failed; both models decode eagerly", flush=True)
+        backend = "none"
+        torch._dynamo.reset()
+        checks = run_checks(models, reference, device, args, backend)
     del reference
-    print(f"logits check against the HF forward (relative L2 error): {checks}", flush=True)
+    print(f"logits check against the HF forward (relative L2 error, compile={backend}, "
+          f"{time.perf_counter() - t0:.0f} s with compilation): {checks}", flush=True)
     bad = {k: v for k, v in checks.items() if not v <= args.check_tolerance}
     if bad:  # still timed (the speed is real), but flagged in the JSON and here
         print(f"WARNING: the benchmark's decode path disagrees with the HF model beyond "
               f"{args.check_tolerance}: {bad}", flush=True)
+    bandwidth = copy_bandwidth(device)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
             "torch": torch.__version__, "dtype": args.dtype, "shape": shape, "hypenet_layer_pattern": pattern,
-            "prefill_chunk": args.prefill_chunk, "logits_check": checks, "argv": sys.argv[1:] if argv is None else argv}
-    for model in models.values():  # compile Triton kernels and pick cuBLAS kernels outside the timings,
-        measure(model, 2 * check_chunk + 3, check_chunk, device)  # at the check's shapes and at the
-        measure(model, min(args.lengths[0], 2 * args.prefill_chunk), args.prefill_chunk, device)  # timed ones
-    results = []
+            "prefill_chunk": args.prefill_chunk, "compile": backend, "logits_check": checks,
+            "copy_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
+            "argv": sys.argv[1:] if argv is None else argv}
+    print(f"copy bandwidth: {info['copy_bandwidth_gb_s']} GB/s (read + write)", flush=True)
+    results, warmed = [], set()
     for length in tqdm(args.lengths, desc="lengths", unit="length"):
+        # Warm up at this length's prefill shapes (first chunk, and one that attends to a cached one) so
+        # first-use Triton compilation stays out of the timings; longer contexts repeat those shapes.
+        warm = min(length, 2 * args.prefill_chunk)
+        if warm not in warmed:
+            for name in args.models:
+                measure(models[name], warm, args.prefill_chunk, device, backend, args.seed)
+            warmed.add(warm)
         row = {"length": length}
         for name in ("hypenet", "qwen3"):
-            row[name] = measure(models[name], length, args.prefill_chunk, device, args.seed) \
+            row[name] = measure(models[name], length, args.prefill_chunk, device, backend, args.seed) \
                 if name in args.models else {"status": "skipped"}
+            row[name]["bytes_per_token"] = decode_bytes(models[name], length)
+            if bandwidth is not None:
+                row[name]["floor_ms"] = row[name]["bytes_per_token"] / bandwidth * 1e3
             print(f"{name} @ {length}: {row[name]}", flush=True)
         results.append(row)
         if args.out:  # after every length, so a run stopped at its time limit keeps what it measured

@@ -7,7 +7,8 @@ into *blocks* of ``BT`` tokens, each block into ``R`` *chunks* of ``BC`` tokens 
 Forward:
   1. The fp32 state at every block start (the *checkpoints*) and the final state, in two passes:
      ``_block_state_kernel`` computes each block's own contribution in parallel, and
-     ``_state_chain_kernel`` chains them per sequence (elementwise work only).
+     ``_state_chain_kernel`` chains them per sequence: elementwise work, done as a parallel
+     scan over blocks (the step ``S -> a^len S + L`` composes associatively).
   2. ``_fwd_kernel``: one program per (block, head, value tile) starts from the block's
      checkpoint and walks the block chunk by chunk: exact intra-chunk attention with the decay
      matrix ``a^(i-j)`` plus the inter-chunk term ``a^(i+1) q S``, carrying S in registers.
@@ -15,12 +16,13 @@ Forward:
 Backward, the mirror image: the gradient of the state, G_t = dL/dS_t, obeys the same recurrence
 in reverse time, ``G_{t-1} = a G_t + scale q_t^T do_t``. So
   1. The same two passes with REVERSE=True on (q, do) give G at every block *end*, and dh0.
-  2. ``_bwd_kernel`` runs, for each block, three instances of the same block walk:
+  2. ``_bwd_kernel`` runs, for each block, the same block walk in three roles:
         dq = walk(q'=do, k'=v, v'=k, state S^T)            forward in time
         dk = walk(q'=v,  k'=do, v'=q, state G^T)           backward in time
         dv = walk(q'=k,  k'=q,  v'=do, state G)            backward in time
      as neighbouring programs of one launch, so q, k, v, do of a block are read from HBM about
-     once and served to the other two from L2.
+     once and served to the other two from L2. The role (pointers, strides, direction) is a
+     run-time value, so one walk is compiled: forward-kernel-sized shared memory, 2 CTAs per SM.
 
 The decay is a per-head constant a = exp(-slope), so every decay factor is ``a^e = exp2(-m2 e)``
 with e >= 0 computed from positions: nothing cumulative is loaded, and no factor can overflow.
@@ -58,15 +60,13 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _decay_weights(m2, j, n, REVERSE: tl.constexpr, TO_END: tl.constexpr):
+def _decay_weights(m2, j, n, REVERSE, TO_END: tl.constexpr):
     """Per-row decay of a chunk of n valid rows (zero on rows >= n).
 
     TO_END: a^(n-1-j), the distance from row j to the chunk's last row; else a^(j+1), the
-    distance from the state before the chunk. Time reversal swaps the two."""
-    if TO_END != REVERSE:
-        e = n - 1 - j
-    else:
-        e = j + 1
+    distance from the state before the chunk. Time reversal swaps the two. REVERSE may be a
+    run-time value (the backward kernel picks the direction per program)."""
+    e = tl.where(REVERSE != TO_END, n - 1 - j, j + 1)
     return tl.where(j < n, _pow_a(m2, tl.maximum(e, 0)), 0.0)
 
 
@@ -118,55 +118,78 @@ def _block_state_kernel(k_ptr, v_ptr, buf_ptr, slopes_ptr, cu_ptr, btab_ptr, upd
 
 
 @triton.jit
+def _compose(a1, x1, a2, x2):
+    """Two block steps S -> a S + L in a row, as one: associative, so the chain over blocks is a
+    parallel scan rather than a loop of dependent loads."""
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
 def _state_chain_kernel(buf_ptr, h0_ptr, ht_ptr, slopes_ptr, cu_ptr, boff_ptr,
                         H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr,
+                        NG: tl.constexpr, E: tl.constexpr,
                         HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, REVERSE: tl.constexpr):
-    """Chains the block contributions of one sequence: state_{b+1} = a^len_b state_b + L_b,
+    """Chains the block contributions of one sequence, state_{b+1} = a^len_b state_b + L_b,
     overwriting each L_b in place with the state entering block b (REVERSE: leaving it, walking
-    from the end). Only elementwise work is left on this sequential path."""
-    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
-    i_k = i_kv // tl.cdiv(DV, BV)
-    i_v = i_kv % tl.cdiv(DV, BV)
+    from the end). The work is elementwise, so a program owns E flat state elements and takes NG
+    blocks at a time: one load, a scan over the blocks, one store. (v3 walked the blocks one by
+    one: a dependent HBM round trip per block, which made this pass scale with the block count.)"""
+    i_e, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_ptr + i_n).to(tl.int64)
     length = tl.load(cu_ptr + i_n + 1).to(tl.int64) - bos
     boff = tl.load(boff_ptr + i_n).to(tl.int64)
     m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    s_off = o_k[:, None] * DV + o_v[None, :]
-    s_mask = (o_k[:, None] < DK) & (o_v[None, :] < DV)
+    o_e = i_e * E + tl.arange(0, E)
+    emask = o_e < DK * DV
+    g = tl.arange(0, NG)
     if HAS_H0:
-        state = tl.load(h0_ptr + i_nh.to(tl.int64) * DK * DV + s_off, mask=s_mask, other=0.0).to(tl.float32)
+        carry = tl.load(h0_ptr + i_nh.to(tl.int64) * DK * DV + o_e, mask=emask, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros([BK, BV], dtype=tl.float32)
+        carry = tl.zeros([E], dtype=tl.float32)
     nb = tl.cdiv(length, BT)
-    for ib in range(0, nb):
+    for g0 in range(0, nb, NG):
+        j = g0 + g  # position along the chain (from the end with REVERSE)
+        valid = j < nb
         if REVERSE:
-            b = nb - 1 - ib
+            b = nb - 1 - j
+            b_next = b - 1
         else:
-            b = ib
-        ptr = buf_ptr + ((boff + b) * H + i_h) * DK * DV + s_off
-        local = tl.load(ptr, mask=s_mask, other=0.0)
-        tl.store(ptr, state, mask=s_mask)
-        state = state * _pow_a(m2, tl.minimum(length - b * BT, BT)) + local
+            b = j
+            b_next = b + 1
+        rows = ((boff + b) * H + i_h) * DK * DV
+        m = valid[:, None] & emask[None, :]
+        local = tl.load(buf_ptr + rows[:, None] + o_e[None, :], mask=m, other=0.0)
+        # Past the end: decay 1 and L = 0, the identity step, so the last scan row is the carry.
+        decay = tl.where(valid, _pow_a(m2, tl.minimum(length - b * BT, BT)), 1.0)
+        decay = decay[:, None] + tl.zeros([NG, E], tl.float32)  # the scan wants equal shapes
+        local = tl.where((g == 0)[:, None], local + decay * carry[None, :], local)
+        _, incl = tl.associative_scan((decay, local), 0, _compose)
+        # incl[j] is the state after the j-th block of the group, i.e. the state entering the next.
+        tl.store(buf_ptr + ((boff + b_next[:, None]) * H + i_h) * DK * DV + o_e[None, :], incl,
+                 mask=m & (j + 1 < nb)[:, None] & (g + 1 < NG)[:, None])
+        if REVERSE:
+            b0 = nb - 1 - g0
+        else:
+            b0 = g0
+        tl.store(buf_ptr + ((boff + b0) * H + i_h) * DK * DV + o_e, carry, mask=emask)
+        carry = tl.sum(tl.where((g == NG - 1)[:, None], incl, 0.0), axis=0)
     if STORE_HT:
-        tl.store(ht_ptr + i_nh.to(tl.int64) * DK * DV + s_off, state, mask=s_mask)
+        tl.store(ht_ptr + i_nh.to(tl.int64) * DK * DV + o_e, carry, mask=emask)
 
 
 @triton.jit
 def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
-                t_blk, eos, i_v, m2, intra_scale, inter_scale, upd_scale,
+                t_blk, eos, i_v, m2, intra_scale, inter_scale, upd_scale, REVERSE,
                 stride_qk: tl.constexpr, stride_vo: tl.constexpr, DKEY: tl.constexpr, DVAL: tl.constexpr,
-                BC: tl.constexpr, R: tl.constexpr, BKEY: tl.constexpr, BV: tl.constexpr,
-                REVERSE: tl.constexpr, PREC: tl.constexpr):
+                BC: tl.constexpr, R: tl.constexpr, BKEY: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """One block of one head: out = intra_scale * (scores * W) v' + inter_scale * a^e q' S.
 
     q'/k' are [tokens, DKEY] rows (stride stride_qk), v'/out [tokens, DVAL] (stride stride_vo),
     already offset to the head; this program owns value columns [i_v*BV, (i_v+1)*BV). The state
     tile [DKEY, BV] is read from s_ptr with the given strides (so S or S^T) and carried across
-    the R chunks, forward in time or, with REVERSE, backward."""
+    the R chunks, forward in time or, with REVERSE, backward. REVERSE (0/1) may be a run-time
+    value: it only enters index arithmetic, so one compiled walk serves both directions."""
     i = tl.arange(0, BC)
     o_k = tl.arange(0, BKEY)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -174,18 +197,13 @@ def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
     mv = o_v < DVAL
     state = tl.load(s_ptr + o_k[:, None] * s_stride_key + o_v[None, :] * s_stride_val,
                     mask=mk[:, None] & mv[None, :], other=0.0)
-    # The decay matrix is the same for every chunk of a head: a^(i-j) on the causal side.
-    if REVERSE:
-        diff = i[None, :] - i[:, None]
-    else:
-        diff = i[:, None] - i[None, :]
+    # The decay matrix is the same for every chunk of a head: a^(i-j) on the causal side, which
+    # time reversal flips to the other triangle.
+    diff = (i[:, None] - i[None, :]) * (1 - 2 * REVERSE)
     W = tl.where(diff >= 0, _pow_a(m2, tl.maximum(diff, 0)), 0.0)
 
     for r in range(R):
-        if REVERSE:
-            t0 = t_blk + (R - 1 - r) * BC
-        else:
-            t0 = t_blk + r * BC
+        t0 = t_blk + (r + REVERSE * (R - 1 - 2 * r)) * BC  # chunk r, or chunk R-1-r in reverse
         n = tl.minimum(tl.maximum(eos - t0, 0), BC)
         rows = t0 + i
         rmask = i < n
@@ -216,8 +234,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ckpt_ptr, slopes_ptr, cu_ptr, btab_p
     m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
     s_ptr = ckpt_ptr + (i_b.to(tl.int64) * H + i_h) * DK * DV
     _block_walk(q_ptr + i_h * DK, k_ptr + i_h * DK, v_ptr + i_h * DV, o_ptr + i_h * DV, s_ptr, DV, 1,
-                t_blk, eos, i_v, m2, scale, scale, 1.0, H * DK, H * DV, DK, DV,
-                BC, R, BK, BV, False, PREC)
+                t_blk, eos, i_v, m2, scale, scale, 1.0, 0, H * DK, H * DV, DK, DV,
+                BC, R, BK, BV, PREC)
 
 
 @triton.jit
@@ -227,7 +245,11 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr,
                 BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 BVK: tl.constexpr, BVV: tl.constexpr, PREC: tl.constexpr):
     """Program axis 0 picks the role: NTK dq tiles, NTK dk tiles, then the dv tiles (BVK / BVV
-    wide). S is the forward state at the block start, G the state gradient at its end."""
+    wide). S is the forward state at the block start, G the state gradient at its end.
+
+    The role only changes pointers, strides, scales and the direction, all chosen here at run
+    time, so with DK == DV a single walk is compiled. (v4 compiled one walk per role: three
+    sets of pipeline buffers, 147-229 KB of shared memory, one CTA per SM.)"""
     pid, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t_blk, eos = _block_coords(cu_ptr, btab_ptr, i_b, BC * R)
     m2 = tl.load(slopes_ptr + i_h).to(tl.float32) * 1.4426950408889634
@@ -236,18 +258,24 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr,
     k_ptr += i_h * DK
     v_ptr += i_h * DV
     do_ptr += i_h * DV
-    if pid < NTK:
-        _block_walk(do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off, 1, DV,
-                    t_blk, eos, pid, m2, scale, scale, 1.0, H * DV, H * DK, DV, DK,
-                    BC, R, BV, BVK, False, PREC)
-    elif pid < 2 * NTK:
-        _block_walk(v_ptr, do_ptr, q_ptr, dk_ptr + i_h * DK, g_ckpt_ptr + st_off, 1, DV,
-                    t_blk, eos, pid - NTK, m2, scale, 1.0, scale, H * DV, H * DK, DV, DK,
-                    BC, R, BV, BVK, True, PREC)
-    else:
-        _block_walk(k_ptr, q_ptr, do_ptr, dv_ptr + i_h * DV, g_ckpt_ptr + st_off, DV, 1,
-                    t_blk, eos, pid - 2 * NTK, m2, scale, 1.0, scale, H * DK, H * DV, DK, DV,
-                    BC, R, BK, BVV, True, PREC)
+    if pid < NTK:  # dq = walk(do, v, k, S^T), forward in time
+        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off
+        ssk, ssv, tile, rev, inter, upd = 1, DV, pid, 0, scale, 1.0
+    elif pid < 2 * NTK:  # dk = walk(v, do, q, G^T), backward in time
+        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = v_ptr, do_ptr, q_ptr, dk_ptr + i_h * DK, g_ckpt_ptr + st_off
+        ssk, ssv, tile, rev, inter, upd = 1, DV, pid - NTK, 1, 1.0, scale
+    else:  # dv = walk(k, q, do, G), backward in time
+        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = k_ptr, q_ptr, do_ptr, dv_ptr + i_h * DV, g_ckpt_ptr + st_off
+        ssk, ssv, tile, rev, inter, upd = DV, 1, pid - 2 * NTK, 1, 1.0, scale
+    if DK == DV:
+        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                    H * DK, H * DK, DK, DK, BC, R, BK, BVK, PREC)
+    elif pid < 2 * NTK:  # keys of width DV, values of width DK
+        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                    H * DV, H * DK, DV, DK, BC, R, BV, BVK, PREC)
+    else:  # keys of width DK, values of width DV
+        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                    H * DK, H * DV, DK, DV, BC, R, BK, BVV, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +290,7 @@ class _Plan:
         self.BT = block_size
         nbs = [triton.cdiv(n, block_size) for n in lengths]
         self.n_blocks = sum(nbs)
+        self.max_blocks = max(nbs, default=0)
         boff = [0]
         for nb in nbs[:-1]:
             boff.append(boff[-1] + nb)
@@ -308,25 +337,35 @@ def _num_sms(device):
 
 def _default_config(n_tokens, H, device):
     """Chunk 64; the block (checkpoint interval) as long as still gives ~2 blocks per SM and head
-    set: each block costs a fixed overhead in the state passes (measured at T=64K on an H100:
-    blocks of 256/512/1024 tokens gave fwd+bwd state passes of 1.4/0.8/0.5 ms), while short
-    sequences need short blocks for parallelism."""
+    set: each block costs a fixed overhead in the state passes and writes a checkpoint, while
+    short sequences need short blocks for parallelism. Measured on an H100 at T=64K (the sweep in
+    docs/kernel_notes.md): blocks of 2048 tokens beat 1024 by ~4% fwd+bwd; scan tiles of 128x128
+    with 8 warps and 64-row steps beat 64x64 tiles by ~8% in the block-state pass."""
     bc = 64
-    r = 16
+    r = 32
     while r > 4 and (n_tokens // (bc * r)) * H < 2 * _num_sms(device):
         r //= 2
-    return dict(chunk_size=bc, block_chunks=r, scan_chunk=128, scan_tile=64, value_tile=64,
-                num_warps=4, num_stages=2, bwd_stages=3, scan_warps=4, scan_stages=2)
+    return dict(chunk_size=bc, block_chunks=r, scan_chunk=64, scan_tile=128, value_tile=64,
+                num_warps=4, num_stages=2, bwd_stages=2, scan_warps=8, scan_stages=2,
+                chain_blocks=64, chain_elems=4096)
 
 
 def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
     """The state at every block start (REVERSE: the state gradient at every block end), fp32
     [n_blocks, H, DK, DV], and the final state (REVERSE: dh0) or None. Two passes: the blocks'
-    own contributions in parallel, then a short elementwise chain over blocks."""
+    own contributions in parallel, then a scan over blocks."""
     _, H, DK = k.shape
     DV = v.shape[-1]
     ckpt = _empty((max(plan.n_blocks, 1), H, DK, DV), torch.float32, k.device)
     ht = _empty((plan.N, H, DK, DV), torch.float32, k.device) if want_final else None
+    _block_states(k, v, ckpt, slopes, upd_scale, plan, cfg, reverse)
+    _chain(ckpt, h0, ht, slopes, plan, cfg, reverse)
+    return ckpt, ht
+
+
+def _block_states(k, v, ckpt, slopes, upd_scale, plan, cfg, reverse):
+    _, H, DK = k.shape
+    DV = v.shape[-1]
     if plan.n_blocks:
         sc = min(cfg["scan_chunk"], plan.BT)
         bk = min(_pow2(DK), cfg["scan_tile"])
@@ -336,13 +375,19 @@ def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
             BT=plan.BT, SC=sc, BK=bk, BV=bv, REVERSE=reverse, PREC=_prec(k),
             num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"],
         )
-    bk, bv = min(_pow2(DK), 32), min(_pow2(DV), 32)
-    _state_chain_kernel[(triton.cdiv(DK, bk) * triton.cdiv(DV, bv), plan.N * H)](
-        ckpt, h0 if h0 is not None else ckpt, ht if want_final else ckpt, slopes, plan.cu, plan.boff,
-        H, DK, DV, BT=plan.BT, BK=bk, BV=bv, HAS_H0=h0 is not None, STORE_HT=want_final, REVERSE=reverse,
-        num_warps=4, num_stages=3,
+
+
+def _chain(ckpt, h0, ht, slopes, plan, cfg, reverse):
+    """Block contributions in ckpt -> states, in place; chain_blocks blocks per scan, chain_elems
+    state elements per program."""
+    _, H, DK, DV = ckpt.shape
+    ng = min(triton.next_power_of_2(max(plan.max_blocks, 1)), cfg["chain_blocks"])
+    e = min(max(cfg["chain_elems"] // ng, 16), triton.next_power_of_2(DK * DV))
+    _state_chain_kernel[(triton.cdiv(DK * DV, e), plan.N * H)](
+        ckpt, h0 if h0 is not None else ckpt, ht if ht is not None else ckpt, slopes, plan.cu, plan.boff,
+        H, DK, DV, BT=plan.BT, NG=ng, E=e, HAS_H0=h0 is not None, STORE_HT=ht is not None, REVERSE=reverse,
+        num_warps=4,
     )
-    return ckpt, ht
 
 
 def _forward(q, k, v, slopes, scale, h0, want_final, plan, cfg):

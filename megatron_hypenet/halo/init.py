@@ -52,7 +52,8 @@ def init_student_from_teacher(student, teacher) -> None:
 
 
 def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> None:
-    """Fills `model` (layer pattern `pattern`) from the teacher and the aligned all-Lightning checkpoint."""
+    """Fills `model` (layer pattern `pattern`; a module or a list of pipeline chunks) from the teacher and
+    the aligned all-Lightning checkpoint."""
     teacher_path, rnn_path = checkpoint.resolve(teacher_root), checkpoint.resolve(rnn_root)
     rnn_desc = read_model_description(rnn_path)
     for i, mixer in enumerate(pattern):
@@ -66,10 +67,10 @@ def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> None:
 
     loaded = {}
     for path, keep in ((teacher_path, lambda k: not from_rnn(k)), (rnn_path, from_rnn)):
-        part = {k: v for k, v in sd.items() if keep(k)}
-        if part:
-            loaded.update(dist_checkpointing.load({"model": part}, path)["model"])
-    model.load_state_dict(loaded, strict=False)
+        part = {k: v for k, v in sd.items() if keep(getattr(v, "key", k))}  # stored keys: global layer numbers
+        # collective: every rank loads, even one whose pipeline stage takes nothing from this checkpoint
+        loaded.update(dist_checkpointing.load({"model": part}, path).get("model", {}))
+    checkpoint.load_model_state(model, loaded)
 
 
 def freeze_all_but_mixers(model) -> list:

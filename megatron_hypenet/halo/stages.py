@@ -5,6 +5,11 @@
     distill   stage 2: the hybrid (selected pattern, HyPE) against the frozen teacher, forward KL
     finetune  stage 3: the hybrid alone, CE at a longer sequence length
 (select, between align and distill, trains nothing: see select.py.)
+
+Every model is built as one chunk per (virtual) pipeline stage of this rank, teacher and student
+alike, and each stage's math is a `step(chunk, batch)` over a `pipeline.PipelineChunk`: the loss on
+the last stage, else the tensor for the next stage (see pipeline.py). Without pipeline parallelism
+there is one chunk, and `StageModels.loss(batch)` is its step: the whole model's loss.
 """
 
 import math
@@ -12,18 +17,25 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from .. import checkpoint
 from ..config import ATTENTION, LIGHTNING, config_from_description, model_description, read_model_description
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
+from ..pipeline import PipelineChunk, stage_output
 from .init import freeze_all_but_mixers, init_student_from_teacher, load_hybrid
 
 
-def forward_hidden(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [s, b, h] (after the final norm); the LM head runs chunked in the loss."""
-    emb = model.embedding(input_ids=tokens, position_ids=None)
-    return model.decoder(hidden_states=emb, attention_mask=None)
+def forward_hidden(model, tokens: torch.Tensor, stage_input: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Hidden states [s, b, h] after this pipeline stage (after the final norm on the last one); the
+    LM head runs chunked in the loss. The first stage embeds `tokens`, the others continue `stage_input`."""
+    if model.pre_process:
+        hidden = model.embedding(input_ids=tokens, position_ids=None)
+    else:
+        model.set_input_tensor(stage_input)  # megatron's decoder reads a later stage's input from here
+        hidden = None
+    return model.decoder(hidden_states=hidden, attention_mask=None)
 
 
 def student_fields(args, pattern: str) -> dict:
@@ -44,19 +56,49 @@ def parallel_fields(args, teacher: bool = False) -> dict:
     fields = dict(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        # stages exchange fp32 activations: the student's residual stream is fp32 (fp32 weights under
+        # autocast) and the teacher's bf16 half converts to it and back exactly
+        pipeline_dtype=torch.float32,
+        # separate isend/irecv (megatron-LM's default with the interleaved schedule): batched, a PP=2
+        # pair exchanges activations and gradients in one batch, which gloo matched in the wrong order
+        batch_p2p_comm=False,
     )
+    if args.sequence_parallel:
+        local = args.seq_length // args.context_parallel_size
+        if local % args.tensor_model_parallel_size:
+            raise ValueError(f"--sequence-parallel splits each rank's {local} tokens over tensor parallel size "
+                             f"{args.tensor_model_parallel_size}: pick a --seq-length divisible by TP x CP")
+        if args.stage == "align":  # its loss is a per-token mean taken inside the layers, not at the LM head
+            raise ValueError("--stage align does not support --sequence-parallel; align without it (its "
+                             "activations are one layer's) and use it from --stage distill on")
     if teacher and args.bf16:
         fields.update(params_dtype=torch.bfloat16)  # frozen: no fp32 master copy needed
+    elif not teacher:  # the frozen teacher runs without grad: nothing to recompute
+        fields.update(recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+                      recompute_num_layers=args.recompute_num_layers, recompute_modules=args.recompute_modules)
     return fields
 
 
-def build_from_description(desc: dict, args, teacher: bool = False, **overrides):
+def vp_stages(args) -> list:
+    """The virtual pipeline stages this rank holds a chunk of ([None]: no virtual pipeline)."""
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    return [None] if vpp is None else list(range(vpp))
+
+
+def build_from_description(desc: dict, args, teacher: bool = False, vp_stage=None, **overrides):
     config = config_from_description(desc, **parallel_fields(args, teacher), **overrides)
-    model = build_model(config, desc["vocab_size"], desc["tie_word_embeddings"])
+    model = build_model(config, desc["vocab_size"], desc["tie_word_embeddings"], vp_stage=vp_stage)
     new_desc = model_description(config, desc["vocab_size"], desc["tie_word_embeddings"], desc.get("hf_extra", {}))
     return model, new_desc
+
+
+def build_chunks(desc: dict, args, teacher: bool = False, **overrides):
+    """This rank's model chunks, one per virtual pipeline stage, and the model description."""
+    built = [build_from_description(desc, args, teacher, vp_stage=vp, **overrides) for vp in vp_stages(args)]
+    return [model for model, _ in built], built[0][1]
 
 
 def frozen(model):
@@ -68,50 +110,94 @@ def frozen(model):
 
 @dataclass
 class StageModels:
-    student: torch.nn.Module
+    student: List[torch.nn.Module]  # this rank's chunks (one per virtual pipeline stage)
     desc: dict  # the student's model description (saved with its checkpoints)
-    teacher: Optional[torch.nn.Module]
+    teacher: Optional[List[torch.nn.Module]]  # the frozen teacher's chunks, same stage placement
     trainable: List[torch.nn.Parameter]
     initialise: Callable[[], None]  # run when not resuming
-    loss: Callable[[dict], torch.Tensor]
+    chunks: List[PipelineChunk]  # what the pipeline schedule runs
+    stacked: int = 1  # hidden states per sequence sent between stages (distill: student and teacher)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """The whole model's loss of one batch (no pipeline parallelism: one chunk)."""
+        assert len(self.chunks) == 1 and self.chunks[0].is_first and self.chunks[0].is_last
+        return self.chunks[0](batch)
 
 
-def _ce(student, args):
-    def loss(batch):
-        hidden = forward_hidden(student, batch["tokens"])
-        return chunked_cross_entropy(student, hidden, batch["labels"], batch["loss_mask"], args.loss_chunk_size)
-    return loss
+def _stage(student, desc, teacher, trainable, initialise, step, stacked=1) -> StageModels:
+    teachers = teacher or [None] * len(student)
+    chunks = [PipelineChunk(s, t, step, vp) for s, t, vp in zip(student, teachers, range(len(student)))]
+    if len(chunks) == 1:
+        chunks[0].vp_stage = None
+    return StageModels(student, desc, teacher, trainable, initialise, chunks, stacked)
+
+
+def _params(models) -> list:
+    return [p for m in models for p in m.parameters()]
+
+
+def _ce_step(args):
+    def step(chunk, batch):
+        hidden = forward_hidden(chunk.student, batch["tokens"], chunk.stage_input)
+        if not chunk.is_last:
+            return hidden
+        return chunked_cross_entropy(chunk.student, hidden, batch["labels"], batch["loss_mask"], args.loss_chunk_size)
+    return step
+
+
+def _distill_step(args):
+    """Student and teacher run side by side; the stage tensor stacks them along the batch ([s, 2b, h])."""
+
+    def step(chunk, batch):
+        s_in = t_in = None
+        if chunk.stage_input is not None:
+            s_in, t_in = chunk.stage_input.chunk(2, dim=1)
+            t_in = t_in.detach().to(next(chunk.teacher.parameters()).dtype)
+        hidden = forward_hidden(chunk.student, batch["tokens"], s_in)
+        with torch.no_grad():
+            t_hidden = forward_hidden(chunk.teacher, batch["tokens"], t_in)
+        if not chunk.is_last:
+            return torch.cat([hidden, t_hidden.to(hidden.dtype)], dim=1)
+        return chunked_kl(chunk.student, chunk.teacher, hidden, t_hidden.to(hidden.dtype), batch["loss_mask"],
+                          args.loss_chunk_size)
+
+    return step
 
 
 def _load_teacher(args):
     root = args.teacher or args.load
     desc = read_model_description(checkpoint.resolve(root))
-    teacher, desc = build_from_description(desc, args, teacher=True)
+    teacher, desc = build_chunks(desc, args, teacher=True)
     checkpoint.load_checkpoint(root, teacher, desc, load_state=False)
-    return frozen(teacher), desc
+    return [frozen(t) for t in teacher], desc
 
 
 def build_stage(args) -> StageModels:
     stage = args.stage
     if stage in ("pretrain", "finetune"):
         desc = read_model_description(checkpoint.resolve(args.load))
-        student, desc = build_from_description(desc, args)
+        student, desc = build_chunks(desc, args)
         init = lambda: checkpoint.load_checkpoint(args.load, student, desc, load_state=False)  # noqa: E731
-        return StageModels(student, desc, None, list(student.parameters()), init, _ce(student, args))
+        return _stage(student, desc, None, _params(student), init, _ce_step(args))
 
     teacher, t_desc = _load_teacher(args)
     n_layers = t_desc["num_layers"]
     if stage == "align":
-        student, desc = build_from_description(t_desc, args, **student_fields(args, LIGHTNING * n_layers))
-        trainable = freeze_all_but_mixers(student)
-        return StageModels(student, desc, teacher, trainable, lambda: init_student_from_teacher(student, teacher),
-                           _align_loss(student, teacher))
+        student, desc = build_chunks(t_desc, args, **student_fields(args, LIGHTNING * n_layers))
+        trainable = [p for s in student for p in freeze_all_but_mixers(s)]
+
+        def init():
+            for s, t in zip(student, teacher):
+                init_student_from_teacher(s, t)
+                _draw_gates(s, args.seed)
+
+        return _stage(student, desc, teacher, trainable, init, _align_step)
 
     if stage == "distill":
         pattern = args.layer_pattern
         if not pattern:
             raise ValueError("--stage distill needs --layer-pattern (a string or the select stage's layer_pattern.txt)")
-        student, desc = build_from_description(t_desc, args, **student_fields(args, pattern))
+        student, desc = build_chunks(t_desc, args, **student_fields(args, pattern))
 
         def init():
             if not args.load:
@@ -122,34 +208,44 @@ def build_stage(args) -> StageModels:
             else:
                 load_hybrid(student, pattern, args.teacher, args.load)
 
-        def loss(batch):
-            hidden = forward_hidden(student, batch["tokens"])
-            with torch.no_grad():
-                t_hidden = forward_hidden(teacher, batch["tokens"])
-            return chunked_kl(student, teacher, hidden, t_hidden.to(hidden.dtype), batch["loss_mask"], args.loss_chunk_size)
-
-        return StageModels(student, desc, teacher, list(student.parameters()), init, loss)
+        return _stage(student, desc, teacher, _params(student), init, _distill_step(args), stacked=2)
     raise ValueError(f"stage {stage!r} does not train; see halo/select.py")
 
 
-def _align_loss(student, teacher):
+def _draw_gates(model, seed: int) -> None:
+    """The output gates are the one part of an aligned student left at a random init: draw each from a
+    generator seeded by its global layer, so the student is the same at every TP/PP layout (the
+    construction-time draw depends on which layers a rank builds)."""
+    for layer in model.decoder.layers:
+        gate = getattr(layer.self_attention, "linear_gate", None)
+        if gate is None:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + layer.layer_number)
+            _initialize_affine_weight_cpu(gate.weight, gate.output_size, gate.input_size, gate.output_size_per_partition,
+                                          0, gate.config.init_method, params_dtype=gate.weight.dtype,
+                                          skip_set_tensor_parallel_attributes=True)
+
+
+def _align_step(chunk, batch):
     """Stage 1: each Lightning mixer sees the teacher's (detached) normed input of its layer and is
-    trained to reproduce the teacher mixer's output; loss = mean over layers of ||y_t - y_s|| / sqrt(d)."""
-
-    def loss(batch):
-        with torch.no_grad():
+    trained to reproduce the teacher mixer's output; loss = mean over layers of ||y_t - y_s|| / sqrt(d).
+    Only the teacher's residual stream goes to the next stage; each stage's layer terms are local."""
+    teacher, student = chunk.teacher, chunk.student
+    with torch.no_grad():
+        if teacher.pre_process:
             h = teacher.embedding(input_ids=batch["tokens"], position_ids=None)
-        total = 0.0
-        layers = list(zip(teacher.decoder.layers, student.decoder.layers))
-        for t_layer, s_layer in layers:
-            with torch.no_grad():
-                x = t_layer.input_layernorm(h)
-                y_t, _ = t_layer.self_attention(x)
-                h = h + y_t
-                h = h + t_layer.mlp(t_layer.pre_mlp_layernorm(h))[0]
-            y_s, _ = s_layer.self_attention(x.to(next(s_layer.parameters()).dtype))
-            dist = (y_s.float() - y_t.float()).pow(2).sum(-1).sqrt() / math.sqrt(y_t.shape[-1])
-            total = total + dist.mean()
-        return total / len(layers)
-
-    return loss
+        else:
+            h = chunk.stage_input.detach().to(next(teacher.parameters()).dtype)
+    total = 0.0
+    for t_layer, s_layer in zip(teacher.decoder.layers, student.decoder.layers):
+        with torch.no_grad():
+            x = t_layer.input_layernorm(h)
+            y_t, _ = t_layer.self_attention(x)
+            h = h + y_t
+            h = h + t_layer.mlp(t_layer.pre_mlp_layernorm(h))[0]
+        y_s, _ = s_layer.self_attention(x.to(next(s_layer.parameters()).dtype))
+        dist = (y_s.float() - y_t.float()).pow(2).sum(-1).sqrt() / math.sqrt(y_t.shape[-1])
+        total = total + dist.mean()
+    term = total / student.config.num_layers
+    return stage_output(chunk, term if chunk.is_last else h, term)

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -58,8 +59,10 @@ class HypeNetMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, projections=None):
+        """`projections`: the gate and up projections of `x` if already computed (e.g. by one matmul)."""
+        gate, up = (self.gate_proj(x), self.up_proj(x)) if projections is None else projections
+        return self.down_proj(F.silu(gate) * up)
 
 
 # Constants are cached per device rather than kept as buffers: transformers builds models on the meta
@@ -183,27 +186,47 @@ class HypeNetAttention(nn.Module):
         self.q_norm = HypeNetRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = HypeNetRMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_ids, position_embeddings, attention_mask, past_key_values=None):
+    def project(self, hidden_states, position_ids, position_embeddings, projections=None):
+        """q ``[B, T, heads, D]`` and k, v ``[B, T, kv_heads, D]``: projected, QK-normed, RoPE'd (teacher) and
+        q scaled by HyPE's log-position factor, as they enter attention and the cache. `projections`: the
+        q, k, v projections if already computed (e.g. by one matmul over the three weights)."""
         B, T, _ = hidden_states.shape
         shape = (B, T, -1, self.head_dim)
-        q = self.q_norm(self.q_proj(hidden_states).view(shape))
-        k = self.k_norm(self.k_proj(hidden_states).view(shape))
-        v = self.v_proj(hidden_states).view(shape)
+        if projections is None:
+            projections = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = (x.view(shape) for x in projections)
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.config.attention_rope:
             cos, sin = position_embeddings[self.head_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         base = self.config.attention_query_scale_base
         if base is not None:
             q = q * query_scale(position_ids, base)[:, :, None, None].to(q.dtype)
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        return q, k, v
+
+    def forward(self, hidden_states, position_ids, position_embeddings, attention_mask, past_key_values=None):
+        B, T, _ = hidden_states.shape
+        q, k, v = (x.transpose(1, 2) for x in self.project(hidden_states, position_ids, position_embeddings))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        k = k.repeat_interleave(self.num_key_value_groups, dim=1)
-        v = v.repeat_interleave(self.num_key_value_groups, dim=1)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and T > 1, scale=self.head_dim**-0.5
-        )
+        o = grouped_attention(q, k, v, attention_mask, scale=self.head_dim**-0.5)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+def grouped_attention(q, k, v, mask, scale):
+    """Softmax attention with grouped K/V, never copied per query head. q ``[B, H, T, D]``; k, v
+    ``[B, G, S, D]`` (H a multiple of G); mask: None (causal if T > 1), a bool ``[B, 1, T, S]`` or a
+    `CausalBias`. One query per head (decoding): the H/G query heads of a KV group become T rows of that
+    group, which any SDPA backend takes; longer inputs use SDPA's `enable_gqa` (flash attention reads
+    grouped K/V natively)."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    if T == 1 and G != H:
+        o = F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=mask, scale=scale)
+        return o.view(B, H, 1, D)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale, enable_gqa=G != H
+    )
 
 
 class HypeNetShortConv(nn.Module):
@@ -253,17 +276,25 @@ class HypeNetLightningAttention(nn.Module):
             self.g_proj = nn.Linear(config.hidden_size, width, bias=False)
 
     def _short_conv(self, name, x, cache):
-        y, tail = getattr(self, f"{name}_conv")(x, cache.conv_states.get(name) if cache is not None else None)
-        if cache is not None:
-            cache.conv_states[name] = tail.clone()  # a view would pin the whole prompt's activations
+        past = cache.conv_states.get(name) if cache is not None else None
+        y, tail = getattr(self, f"{name}_conv")(x, past)
+        if past is not None and past.shape == tail.shape:
+            past.copy_(tail)  # in place: a decode step keeps its buffers (CUDA graphs replay them)
+        elif cache is not None:
+            # a view would pin the whole prompt's activations; plain strides, whatever the chunk length
+            cache.conv_states[name] = tail.clone(memory_format=torch.contiguous_format)
         return y
 
-    def forward(self, hidden_states, position_embeddings, token_mask=None, past_key_values=None):
+    def project(self, hidden_states, position_embeddings, token_mask=None, cache=None, projections=None):
+        """q, k, v ``[B, T, H, D]`` as they enter the recurrence: projected, short-conv'd (the conv tails of
+        `cache`, a `HypeNetLightningCacheLayer`, updated), QK-normed and RoPE'd; padded tokens zeroed.
+        `projections`: the q, k, v projections if already computed (e.g. by one matmul)."""
         B, T, _ = hidden_states.shape
         H, D = self.num_heads, self.head_dim
-        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         keep = None if token_mask is None else token_mask[:, :, None].to(hidden_states.dtype)
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        if projections is None:
+            projections = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v = projections
         if keep is not None:  # padding must not reach the conv window of the real tokens either
             q, k, v = q * keep, k * keep, v * keep
         if self.config.lightning_short_conv:
@@ -276,6 +307,22 @@ class HypeNetLightningAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if keep is not None:  # padded tokens never enter the state
             k, v = k * keep[..., None], v * keep[..., None]
+        return q, k, v
+
+    def output(self, o, hidden_states, gate=None):
+        """The mixer's output from the recurrence's `o` ``[B, T, H * D]``: output norm, gate, projection.
+        `gate`: the gate projection of `hidden_states` if already computed."""
+        if self.config.lightning_output_norm:
+            o = self.o_norm(o)
+        if self.config.lightning_output_gate:
+            o = o * torch.sigmoid(self.g_proj(hidden_states) if gate is None else gate)
+        return self.o_proj(o)
+
+    def forward(self, hidden_states, position_embeddings, token_mask=None, past_key_values=None):
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_dim
+        cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        q, k, v = self.project(hidden_states, position_embeddings, token_mask, cache)
         slopes = _slopes(H, hidden_states.device)
         state = cache.recurrent_state if cache is not None else None
         if T == 1 and state is not None:
@@ -287,12 +334,7 @@ class HypeNetLightningAttention(nn.Module):
             )
         if cache is not None:
             cache.recurrent_state = state
-        o = o.reshape(B, T, H * D)
-        if self.config.lightning_output_norm:
-            o = self.o_norm(o)
-        if self.config.lightning_output_gate:
-            o = o * torch.sigmoid(self.g_proj(hidden_states))
-        return self.o_proj(o)
+        return self.output(o.reshape(B, T, H * D), hidden_states)
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -350,11 +392,14 @@ class HypeNetPreTrainedModel(PreTrainedModel):
             module.weight[..., -1] = 1.0
 
 
-def _causal_mask(mask: Optional[torch.Tensor], q_len: int, past: int, device) -> Optional[torch.Tensor]:
-    """Boolean SDPA mask ``[B, 1, q_len, past + q_len]`` (True = attend) for queries at positions
-    ``past ..``, or None where `is_causal` (or a single query seeing everything) does the job."""
+def _causal_mask(mask: Optional[torch.Tensor], q_len: int, past: int, device):
+    """SDPA mask for queries at positions ``past ..``: None where `is_causal` (or a single query seeing
+    everything) does the job, a bottom-right causal bias (never materialised, flash attention runs it)
+    for a later prefill chunk without padding, else a bool ``[B, 1, q_len, past + q_len]`` (True = attend)."""
     if mask is None and (past == 0 or q_len == 1):
         return None
+    if mask is None:
+        return causal_lower_right(q_len, past + q_len)
     q_pos = torch.arange(past, past + q_len, device=device)[:, None]
     k_pos = torch.arange(past + q_len, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None, None]
