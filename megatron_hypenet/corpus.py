@@ -3,8 +3,10 @@
 Documents are either filler prose from a small grammar, or retrieval documents that teach copying
 from context: needle facts buried in filler and asked about at the end, pass keys, and key-value
 lists queried by key. `megatron_hypenet.retrieval` builds its evaluation prompts from the same
-pieces (`filler_sentences`, `needle_case`, `passkey_case`, `kv_pairs`, `kv_case`), so the teacher
-is evaluated on exactly the style it was trained on.
+pieces (`filler_sentences`, `needle_case`, `passkey_case`, `kv_case`; `kv_pairs` adds unqueried
+distractors to its lists), so the teacher is evaluated on exactly the style it was trained on, but
+never on a fact it was trained on: answers are split by `is_held_out` into those the corpus uses and
+those only the evaluation uses.
 
 Every document depends only on (seed, index): document i is the same whatever num_docs is.
 """
@@ -13,6 +15,7 @@ import json
 import os
 import random
 import re
+import zlib
 from typing import Iterator, NamedTuple
 
 from tqdm import tqdm
@@ -116,9 +119,37 @@ class RetrievalCase(NamedTuple):
     answer: str
 
 
-def needle_case(rng: random.Random, name: str | None = None) -> RetrievalCase:
+HELD_OUT_EVERY = 4  # one answer value in 4 is reserved for evaluation
+
+
+def is_held_out(value: str) -> bool:
+    """Whether `value` (a number or a kv key) is reserved for evaluation prompts.
+
+    Corpus documents never contain a held-out value and evaluation questions only ask for held-out
+    ones, whatever the seeds, so no evaluation example is trained on. A hash, not a range: both sets
+    look alike (same digits, same lengths) to a model.
+    """
+    return zlib.crc32(value.encode()) % HELD_OUT_EVERY == 0
+
+
+def _draw(rng: random.Random, make, held_out: bool) -> str:
+    while True:
+        value = make(rng)
+        if is_held_out(value) == held_out:
+            return value
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randrange(10_000, 100_000))
+
+
+def _kv_key(rng: random.Random) -> str:
+    return f"{rng.randrange(16**4):04x}"
+
+
+def needle_case(rng: random.Random, name: str | None = None, held_out: bool = False) -> RetrievalCase:
     name = name or rng.choice(NAMES)
-    number = str(rng.randrange(10_000, 100_000))
+    number = _draw(rng, _number, held_out)
     return RetrievalCase(
         needle=f"The secret number of {name} is {number}.",
         question=f"What is the secret number of {name}? The secret number of {name} is",
@@ -126,8 +157,8 @@ def needle_case(rng: random.Random, name: str | None = None) -> RetrievalCase:
     )
 
 
-def passkey_case(rng: random.Random) -> RetrievalCase:
-    key = str(rng.randrange(10_000, 100_000))
+def passkey_case(rng: random.Random, held_out: bool = False) -> RetrievalCase:
+    key = _draw(rng, _number, held_out)
     return RetrievalCase(
         needle=f"The pass key is {key}. Remember it. {key} is the pass key.",
         question="What is the pass key? The pass key is",
@@ -135,19 +166,20 @@ def passkey_case(rng: random.Random) -> RetrievalCase:
     )
 
 
-def kv_pairs(rng: random.Random, exclude: frozenset = frozenset()) -> Iterator[str]:
-    """Endless "key 7f3a: 219." items with distinct keys, none of them in `exclude`."""
-    seen = set(exclude)
+def kv_pairs(rng: random.Random) -> Iterator[str]:
+    """Endless "key 7f3a: 219." distractors with distinct keys, none held out (so never the key an
+    evaluation prompt queries)."""
+    seen = set()
     while True:
-        key = f"{rng.randrange(16**4):04x}"
+        key = _draw(rng, _kv_key, held_out=False)
         if key not in seen:
             seen.add(key)
             yield f"key {key}: {rng.randrange(100, 1000)}."
 
 
-def kv_case(rng: random.Random) -> tuple[RetrievalCase, str]:
-    """The queried pair, and its key (to keep it out of the rest of the list)."""
-    key, value = f"{rng.randrange(16**4):04x}", rng.randrange(100, 1000)
+def kv_case(rng: random.Random, held_out: bool = False) -> tuple[RetrievalCase, str]:
+    """The queried pair, and its key (to keep the keys of a list distinct)."""
+    key, value = _draw(rng, _kv_key, held_out), rng.randrange(100, 1000)
     return RetrievalCase(needle=f"key {key}: {value}.", question=f"Query key {key}:", answer=f" {value}"), key
 
 
@@ -173,27 +205,31 @@ def _haystack_document(units: list[str], needles: list[str], cases: list[Retriev
 
 
 def make_document(seed: int, index: int, doc_tokens_hint: int = 384) -> str:
-    """Document `index` of the corpus for `seed`; about `doc_tokens_hint` tokens (+-50%)."""
+    """Document `index` of the corpus for `seed`: about `doc_tokens_hint` (+-50%) estimated tokens
+    (`approx_tokens`) of filler or key-value list, plus the questions."""
     rng = random.Random(f"corpus:{seed}:{index}")
     budget = int(doc_tokens_hint * rng.uniform(0.5, 1.5))
-    kind = rng.choices(("filler", "needle", "passkey", "kv"), weights=(3, 3, 2, 2))[0]
+    # Mostly retrieval: the answers are the only copy lessons, a few tokens per document.
+    kind = rng.choices(("filler", "needle", "passkey", "kv"), weights=(1, 3, 2, 4))[0]
     if kind == "filler":
         sentences = _take(filler_sentences(rng), budget)
         cut = rng.randint(1, len(sentences))  # two paragraphs, like real documents
         return "\n\n".join(" ".join(part) for part in (sentences[:cut], sentences[cut:]) if part)
     if kind == "needle":
         # Several facts with distinct names: copying must match the name, not just the phrase.
-        names = rng.sample(NAMES, rng.randint(1, 3))
+        names = rng.sample(NAMES, rng.randint(1, 4))
         cases = [needle_case(rng, name) for name in names]
-        asked = rng.sample(cases, rng.randint(1, len(cases)))
+        asked = rng.sample(cases, len(cases))  # every fact, in a new order: each question is a copy lesson
         return _haystack_document(_take(filler_sentences(rng), budget), [c.needle for c in cases], asked, rng)
     if kind == "passkey":
         case = passkey_case(rng)
         return _haystack_document(_take(filler_sentences(rng), budget), [case.needle], [case], rng)
-    cases = [kv_case(rng) for _ in range(rng.randint(1, 3))]
-    keys = frozenset(key for _, key in cases)
-    asked = [case for case, _ in cases]
-    return _haystack_document(_take(kv_pairs(rng, keys), budget), [c.needle for c in asked], asked, rng)
+    # A list whose every key is then queried, in a new order: many copy lessons per document.
+    cases = {}
+    while len(cases) < max(2, budget // 8):
+        case, key = kv_case(rng)
+        cases[key] = case
+    return _haystack_document([], [c.needle for c in cases.values()], rng.sample(list(cases.values()), len(cases)), rng)
 
 
 def iter_corpus_texts(num_docs: int, seed: int = 0, doc_tokens_hint: int = 384) -> Iterator[str]:

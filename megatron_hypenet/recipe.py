@@ -5,8 +5,10 @@ recipe, so a recipe is exactly a sequence of commands a user could type. A stage
 already complete is skipped and an interrupted one resumes, so re-running a recipe continues it.
 """
 
+import itertools
 import json
 import logging
+import math
 import os
 import time
 from typing import List
@@ -150,16 +152,18 @@ def evaluate_exports(recipe, work, teacher_dir, student_dir, prefix, results) ->
     ev = recipe.get("eval", {})
     train_len = recipe["common"]["seq_length"]
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    _, valid, _ = build_gpt_datasets(prefix, train_len, 1234, 1, valid_samples=ev.get("loss_samples", 16),
+    loss_samples, num_needles = ev.get("loss_samples", 16), ev.get("needle_examples", 20)
+    _, valid, _ = build_gpt_datasets(prefix, train_len, 1234, 1, valid_samples=loss_samples,
                                      eod_id=tok.eos_token_id, split=recipe["common"].get("split", "98,2,0"))
-    batches = list(make_dataloader(valid, 4, 0, 0))
-    report = {"train_length": train_len, "models": {}}
+    # megatron-core builds whole epochs of the split: take only the samples asked for
+    batches = list(itertools.islice(make_dataloader(valid, 4, 0, 0), math.ceil(loss_samples / 4)))
+    report = {"train_length": train_len, "needle_examples": num_needles, "models": {}}
     for name, folder in (("teacher (Qwen3)", teacher_dir), ("student (HypeNet)", student_dir)):
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
         logits_fn = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
         row = {"valid_loss": lm_loss(logits_fn, batches)}
         for mult in ev.get("needle_multipliers", [1, 4]):
-            examples = make_needle_examples(tok, train_len * mult, ev.get("needle_examples", 20), seed=7)
+            examples = make_needle_examples(tok, train_len * mult, num_needles, seed=7)
             row[f"needle@{mult}x"], _ = retrieval_accuracy(logits_fn, examples)
         report["models"][name] = row
     report["tokens_per_s"] = {stage: _stage_tokens_per_s(os.path.join(work, "checkpoints", "teacher" if stage == "pretrain" else stage))
@@ -173,7 +177,8 @@ def format_report(report: dict) -> str:
     models = report["models"]
     cols = list(next(iter(models.values())))
     lines = ["", f"HALO summary (training length {report['train_length']} tokens, "
-                 f"student layer pattern {report['layer_pattern']})",
+                 f"student layer pattern {report['layer_pattern']}; needle@Mx: exact-match accuracy on "
+                 f"{report['needle_examples']} held-out prompts of M x {report['train_length']} tokens)",
              f"{'model':<20}" + "".join(f"{c:>14}" for c in cols)]
     for name, row in models.items():
         lines.append(f"{name:<20}" + "".join(f"{row[c]:>14.4f}" for c in cols))

@@ -3,7 +3,8 @@
 Prompts are made of the synthetic corpus' own pieces (`megatron_hypenet.corpus`) and sized with the
 evaluated model's tokenizer: each prompt has at most `length` tokens, and is shorter by less than
 one filler unit (a sentence or a key-value item). Example i depends only on (task, seed, i): the
-same haystack and needle value are used at every length, so lengths compare like with like.
+same haystack and needle value are used at every length, so lengths compare like with like. Every
+answer is a held-out value (`corpus.is_held_out`): the synthetic corpus never states these facts.
 """
 
 import random
@@ -59,7 +60,8 @@ def _make_example(tokenizer, task: str, length: int, depth: float, index: int,
         if len(prompt_ids) <= length:
             break
         haystack.pop()
-    meta = {"task": task, "length": len(prompt_ids), "target_length": length, "depth": depth, "index": index}
+    meta = {"task": task, "length": len(prompt_ids), "target_length": length, "depth": depth, "index": index,
+            "needle": case.needle}
     return RetrievalExample(prompt_ids, answer_ids, meta)
 
 
@@ -77,25 +79,21 @@ def make_needle_examples(tokenizer, length: int, num: int, seed: int = 0,
                          depths: Sequence[float] = DEFAULT_DEPTHS) -> list[RetrievalExample]:
     """Single needle ("The secret number of Alice is 48213.") in filler prose."""
     return _make_examples(tokenizer, "needle", length, num, seed, depths,
-                          lambda rng: (needle_case(rng), filler_sentences(rng)))
+                          lambda rng: (needle_case(rng, held_out=True), filler_sentences(rng)))
 
 
 def make_passkey_examples(tokenizer, length: int, num: int, seed: int = 0,
                           depths: Sequence[float] = DEFAULT_DEPTHS) -> list[RetrievalExample]:
     """Pass key retrieval (Mohtashami & Jaggi) with the corpus' filler prose as haystack."""
     return _make_examples(tokenizer, "passkey", length, num, seed, depths,
-                          lambda rng: (passkey_case(rng), filler_sentences(rng)))
+                          lambda rng: (passkey_case(rng, held_out=True), filler_sentences(rng)))
 
 
 def make_kv_examples(tokenizer, length: int, num: int, seed: int = 0,
                      depths: Sequence[float] = DEFAULT_DEPTHS) -> list[RetrievalExample]:
     """Multi-key retrieval: a prompt full of "key 7f3a: 219." items, one key queried."""
-
-    def make_case(rng):
-        case, key = kv_case(rng)
-        return case, kv_pairs(rng, exclude=frozenset([key]))
-
-    return _make_examples(tokenizer, "kv", length, num, seed, depths, make_case)
+    return _make_examples(tokenizer, "kv", length, num, seed, depths,
+                          lambda rng: (kv_case(rng, held_out=True)[0], kv_pairs(rng)))
 
 
 @torch.no_grad()

@@ -2,12 +2,13 @@
 
 import json
 import os
+import re
 
 import numpy
 import pytest
 import torch
 
-from megatron_hypenet.corpus import generate_corpus, iter_corpus_texts
+from megatron_hypenet.corpus import generate_corpus, is_held_out, iter_corpus_texts
 from megatron_hypenet.data import build_gpt_datasets, make_dataloader
 from megatron_hypenet.retrieval import (
     lm_loss,
@@ -70,6 +71,30 @@ def test_corpus_is_deterministic(workdir, corpus):
     joined = "\n".join(texts)
     for marker in ("What is the secret number of", "Query key", "What is the pass key?"):
         assert joined.count(marker) > 20
+
+
+# Answer values of retrieval facts: 5-digit numbers (needles, pass keys) and kv keys.
+ANSWER_VALUES = re.compile(r"\b\d{5}\b|(?<=key )[0-9a-f]{4}\b")
+
+
+def test_corpus_never_contains_an_evaluation_example(tokenizer):
+    """Evaluation facts use held-out values only and the corpus never does, so no evaluation example
+    (any task, the seeds of the select stage and of the demo report) is ever trained on."""
+    docs = list(iter_corpus_texts(1500, seed=0, doc_tokens_hint=40))
+    examples = [ex for make in MAKE_EXAMPLES for seed in (0, 7) for ex in make(tokenizer, 96, 10, seed=seed)]
+
+    def leaks(texts):
+        joined = "\n".join(texts)
+        held_out = sorted(filter(is_held_out, set(ANSWER_VALUES.findall(joined))))
+        return [ex.meta["needle"] for ex in examples if ex.meta["needle"] in joined] + held_out
+
+    assert len(set(ANSWER_VALUES.findall("\n".join(docs)))) > 2000  # the check sees the corpus' facts
+    assert leaks(docs) == []
+    for ex in examples:
+        values = ANSWER_VALUES.findall(ex.meta["needle"])
+        assert values and all(map(is_held_out, values)), ex.meta["needle"]
+    planted = examples[-1].meta["needle"]  # the check finds a leaked fact
+    assert leaks(docs + [planted]) == [planted, *sorted(set(ANSWER_VALUES.findall(planted)))]
 
 
 # --- tokenizer ----------------------------------------------------------------------------------
