@@ -47,6 +47,28 @@ def test_distill_with_tp2_sequence_parallel_matches_one_process(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
 
 
+def test_align_with_tp2_sequence_parallel_matches_one_process(tmp_path):
+    """Align's per-token loss is taken after each layer's mixer, where under SP every TP rank holds its own
+    slice of the sequence: the slices' sums add up over TP, and the TP=2 + SP curve equals the one-process one."""
+    work = make_distill_work(tmp_path)
+    trainer = os.path.join(ROOT, "pretrain_hypenet.py")
+
+    def align_flags(save, *extra):  # distill's run, less its --load and --layer-pattern (align takes the teacher)
+        flags = distill_flags(work, save, "ALLA", *extra)
+        drop = {flags.index("--load"), flags.index("--layer-pattern")}
+        flags = [f for i, f in enumerate(flags) if not drop & {i, i - 1}]
+        flags[flags.index("--stage") + 1] = "align"
+        return flags
+
+    torchrun(1, trainer, *align_flags(tmp_path / "align_tp1"))
+    torchrun(2, trainer, *align_flags(tmp_path / "align_tp2sp", "--tensor-model-parallel-size", 2, "--sequence-parallel"))
+    one, two = metrics(tmp_path / "align_tp1"), metrics(tmp_path / "align_tp2sp")
+    assert len(one) == len(two) == 5 and one[-1]["loss"] < one[0]["loss"]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
+
+
 def test_sequence_parallel_needs_tensor_parallel():
     from megatron_hypenet.config import make_config
 

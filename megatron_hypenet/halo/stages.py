@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from .. import checkpoint
@@ -71,9 +73,6 @@ def parallel_fields(args, teacher: bool = False) -> dict:
         if local % args.tensor_model_parallel_size:
             raise ValueError(f"--sequence-parallel splits each rank's {local} tokens over tensor parallel size "
                              f"{args.tensor_model_parallel_size}: pick a --seq-length divisible by TP x CP")
-        if args.stage == "align":  # its loss is a per-token mean taken inside the layers, not at the LM head
-            raise ValueError("--stage align does not support --sequence-parallel; align without it (its "
-                             "activations are one layer's) and use it from --stage distill on")
     if teacher and args.bf16:
         fields.update(params_dtype=torch.bfloat16)  # frozen: no fp32 master copy needed
     elif not teacher:  # the frozen teacher runs without grad: nothing to recompute
@@ -237,7 +236,8 @@ def _align_step(chunk, batch):
             h = teacher.embedding(input_ids=batch["tokens"], position_ids=None)
         else:
             h = chunk.stage_input.detach().to(next(teacher.parameters()).dtype)
-    total = 0.0
+    total = h.new_zeros((), dtype=torch.float32)
+    tokens = h.shape[0] * h.shape[1]
     for t_layer, s_layer in zip(teacher.decoder.layers, student.decoder.layers):
         with torch.no_grad():
             x = t_layer.input_layernorm(h)
@@ -246,6 +246,11 @@ def _align_step(chunk, batch):
             h = h + t_layer.mlp(t_layer.pre_mlp_layernorm(h))[0]
         y_s, _ = s_layer.self_attention(x.to(next(s_layer.parameters()).dtype))
         dist = (y_s.float() - y_t.float()).pow(2).sum(-1).sqrt() / math.sqrt(y_t.shape[-1])
-        total = total + dist.mean()
-    term = total / student.config.num_layers
+        total = total + dist.sum()
+    if student.config.sequence_parallel:
+        # each TP rank holds an equal slice of the sequence: sum the slices, and since every rank then
+        # has the same loss, the backward is the identity (as losses._tp_sum)
+        total = reduce_from_tensor_model_parallel_region(total)
+        tokens *= parallel_state.get_tensor_model_parallel_world_size()
+    term = total / (tokens * student.config.num_layers)
     return stage_output(chunk, term if chunk.is_last else h, term)
