@@ -13,7 +13,7 @@ dist_checkpointing stores global tensors, so a checkpoint written at one TP/PP l
 import logging
 import os
 import shutil
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -137,7 +137,7 @@ def load_model_state(model, state: dict) -> None:
         chunk.load_state_dict(own, strict=False)
 
 
-def _init_optimizer_state(optimizer) -> None:
+def init_optimizer_state(optimizer) -> None:
     """A fresh AdamW has no state tensors to load into: create them (zeros, overwritten by the load)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -151,7 +151,7 @@ def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool = F
     megatron-core's distributed optimizer (distributed_optimizer.py) makes its own."""
     if hasattr(optimizer, "sharded_state_dict"):
         return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-    _init_optimizer_state(optimizer)
+    init_optimizer_state(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     id_to_sharded = get_param_id_to_sharded_param_map(model_sd, iter(params))
     state = optimizer.state_dict()

@@ -12,8 +12,10 @@ Numerics follow the plain path: every trainable parameter decays (`config_overri
 uses the same global norm, a step whose gradient norm is not finite is skipped (the trainer's
 --nan-policy decides what follows). With --bf16 the student's weights are bf16 and the optimizer keeps
 the fp32 master copy (megatron-core's mixed precision).
-Checkpoints hold the optimizer state in megatron-core's 'fully_reshardable' layout (gathered to
-per-parameter tensors on save), so they load at another DP / TP / PP layout.
+Checkpoints hold the optimizer state in megatron-core's 'dp_reshardable' layout, so they load at
+another data-parallel size; model weights load at any layout, the optimizer state not across a TP/PP
+change ('fully_reshardable', which would allow that, fails to load in megatron-core 0.16 without
+Apex/TE).
 """
 
 import math
@@ -48,6 +50,11 @@ class DistributedOptimizer:
         self.clip_grad = args.clip_grad
 
     @property
+    def _optimizers(self) -> list:
+        """The megatron-core optimizers behind `self.optimizer` (a chain of them, or itself)."""
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+    @property
     def param_groups(self):
         return self.optimizer.param_groups
 
@@ -66,7 +73,7 @@ class DistributedOptimizer:
             if found_inf or not math.isfinite(norm):
                 return float("nan") if found_inf else norm
             if self.clip_grad > 0:
-                for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                for opt in self._optimizers:
                     params = opt.get_parameters()
                     if params:
                         clip_grad_by_total_norm_fp32(params, max_norm=self.clip_grad, total_norm=norm)
@@ -77,8 +84,8 @@ class DistributedOptimizer:
 
     def sharded_state_dict(self, model_sd: dict, is_loading: bool = False) -> dict:
         if is_loading:  # a fresh torch AdamW has no state (not even its step) to load into: zeros, overwritten
-            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                checkpoint._init_optimizer_state(opt.optimizer)
+            for opt in self._optimizers:
+                checkpoint.init_optimizer_state(opt.optimizer)
         with megatron_cuda_calls():
             return self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=SHARDING)
 
@@ -88,7 +95,7 @@ class DistributedOptimizer:
             self.optimizer.load_state_dict(state)
         # megatron-core (without Apex/TE) restores AdamW's step count into the param groups only; torch's
         # AdamW reads it per parameter (bias correction): without this a resumed run steps differently
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in self._optimizers:
             for group in opt.optimizer.param_groups:
                 if "step" in group:
                     for p in group["params"]:

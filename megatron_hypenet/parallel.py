@@ -102,22 +102,20 @@ def local_batch(batch: dict, device) -> dict:
     return {k: context_parallel_chunk(v.to(device)) for k, v in batch.items()}
 
 
-def context_parallel_mean(value: float) -> float:
-    """Each CP rank's loss is the mean over its equal-sized chunk; the sequence's loss is their mean."""
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device())
-    dist.all_reduce(t, group=parallel_state.get_context_parallel_group())
-    return float(t.item()) / cp
-
-
-def data_parallel_mean(value: float) -> float:
-    """A step's loss over the global batch: the mean of every DP x CP rank's loss (each a mean over an
-    equal share of the tokens: its micro-batches, its sequence chunk)."""
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+def _group_mean(value: float, group) -> float:
     if group.size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=device())
     dist.all_reduce(t, group=group)
     return float(t.item()) / group.size()
+
+
+def context_parallel_mean(value: float) -> float:
+    """Each CP rank's loss is the mean over its equal-sized chunk; the sequence's loss is their mean."""
+    return _group_mean(value, parallel_state.get_context_parallel_group())
+
+
+def data_parallel_mean(value: float) -> float:
+    """A step's loss over the global batch: the mean of every DP x CP rank's loss (each a mean over an
+    equal share of the tokens: its micro-batches, its sequence chunk)."""
+    return _group_mean(value, parallel_state.get_data_parallel_group(with_context_parallel=True))
