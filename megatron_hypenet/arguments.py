@@ -6,6 +6,8 @@ from typing import List, Optional
 
 import yaml
 
+from .config import RNN_MIXERS
+
 STAGES = ("pretrain", "align", "select", "distill", "finetune")
 
 
@@ -77,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selective: what to recompute; core_attn = each mixer's core between its input and output "
                         "projections (default: core_attn)")
     g = p.add_argument_group("HypeNet student")
-    g.add_argument("--layer-pattern", help="'A'/'L' per layer, or a file holding it (the select stage writes one)")
+    g.add_argument("--layer-pattern", help="'A'/'L'/'D' per layer (attention, Lightning, Gated DeltaNet), or a file "
+                                           "holding it (the select stage writes one); authoritative where given")
+    g.add_argument("--rnn-mixer", choices=tuple(RNN_MIXERS), default="lightning",
+                   help="the RNN mixer the stages put where they make layers RNN layers (align's all-RNN student, "
+                        "select's pattern): lightning = 'L', gated_deltanet = 'D'")
     g.add_argument("--num-attention-layers", type=int, default=None, help="select: layers kept as attention")
     g.add_argument("--attention-rope", action="store_true", help="RoPE in attention layers (ablation; HyPE: off)")
     g.add_argument("--attention-query-scale-base", type=float, default=256.0, help="HyPE a; <= 0 disables")
@@ -93,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--select-lengths", type=int, nargs="+", default=None, help="select: retrieval lengths (default: seq/2, seq)")
     g.add_argument("--select-examples", type=int, default=16, help="select: retrieval examples per task and length")
+    g.add_argument("--select-haystack", default=None, metavar="JSONL",
+                   help="select: cut the retrieval haystacks from this text (jsonl with a 'text' key; e.g. held-out "
+                        "files of the training corpus) and score needle + pass key; default: the synthetic corpus' "
+                        "prose, needle + key-value retrieval")
     g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard")
     g.add_argument("--wandb-project", default=None, help="log to wandb (offline unless --wandb-mode online)")
     g.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")

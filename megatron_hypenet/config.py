@@ -1,5 +1,5 @@
-"""HypeNetConfig: a megatron-core TransformerConfig with the per-layer mixer pattern, the
-Lightning-Attention options and the HyPE options (see docs/architecture.md)."""
+"""HypeNetConfig: a megatron-core TransformerConfig with the per-layer mixer pattern, the RNN-mixer
+(Lightning Attention, Gated DeltaNet) options and the HyPE options (see docs/architecture.md)."""
 
 import dataclasses
 import json
@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-ATTENTION, LIGHTNING = "A", "L"
+ATTENTION, LIGHTNING, GATED_DELTA = "A", "L", "D"
+# --rnn-mixer: the letter the HALO stages write where they make a layer an RNN mixer
+RNN_MIXERS = {"lightning": LIGHTNING, "gated_deltanet": GATED_DELTA}
+MIXER_NAMES = {ATTENTION: "softmax attention", LIGHTNING: "Lightning Attention", GATED_DELTA: "Gated DeltaNet"}
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
 # Selective recompute targets our layers support: "core_attn" is each mixer's core (layers._Mixer.core),
 # "mlp" megatron-core's dense MLP.
@@ -38,7 +41,8 @@ HYPENET_FIELDS = (
 @dataclass
 class HypeNetConfig(TransformerConfig):
     layer_pattern: Optional[str] = None
-    """One character per layer: "A" softmax attention, "L" Lightning Attention. None = all "A"."""
+    """One character per layer: "A" softmax attention, "L" Lightning Attention, "D" Gated DeltaNet.
+    None = all "A". The lightning_* options below configure both RNN mixers ("L" and "D")."""
 
     attention_rope: bool = False
     """RoPE in attention layers. HyPE uses NoPE there; the Qwen3 teacher uses RoPE."""
@@ -65,12 +69,17 @@ class HypeNetConfig(TransformerConfig):
         if len(self.layer_pattern) != self.num_layers:
             raise ValueError(
                 f"layer_pattern has {len(self.layer_pattern)} characters but the model has "
-                f"{self.num_layers} layers: give one character ('A' or 'L') per layer, e.g. "
+                f"{self.num_layers} layers: give one character ('A', 'L' or 'D') per layer, e.g. "
                 f"--layer-pattern {'A' + 'L' * (self.num_layers - 1)}"
             )
-        bad = set(self.layer_pattern) - {ATTENTION, LIGHTNING}
+        bad = set(self.layer_pattern) - set(MIXER_NAMES)
         if bad:
-            raise ValueError(f"layer_pattern may only contain 'A' and 'L'; found {sorted(bad)} in {self.layer_pattern!r}")
+            raise ValueError(f"layer_pattern may only contain 'A' and 'L'/'D' (softmax attention and the RNN "
+                             f"mixers Lightning / Gated DeltaNet); found {sorted(bad)} in {self.layer_pattern!r}")
+        if GATED_DELTA in self.layer_pattern and self.context_parallel_size > 1:
+            raise ValueError(f"Gated DeltaNet ('D') layers do not support context parallelism; layer_pattern "
+                             f"{self.layer_pattern!r} with --context-parallel-size {self.context_parallel_size}: "
+                             f"use context parallel size 1 or Lightning ('L') layers")
         if self.lightning_num_heads is None:
             self.lightning_num_heads = self.num_attention_heads
         if self.lightning_head_dim is None:

@@ -157,6 +157,14 @@ def needle_case(rng: random.Random, name: str | None = None, held_out: bool = Fa
     )
 
 
+def code_needle_case(rng: random.Random, held_out: bool = False) -> RetrievalCase:
+    """The needle for haystacks of Python sources and docs: an assignment, asked for by repeating its
+    left-hand side, so a code model answers by copying the value it saw (as it copies identifiers)."""
+    name = f"{rng.choice(NAMES).lower()}_secret_number"
+    number = _draw(rng, _number, held_out)
+    return RetrievalCase(needle=f"{name} = {number}", question=f"{name} =", answer=f" {number}")
+
+
 def passkey_case(rng: random.Random, held_out: bool = False) -> RetrievalCase:
     key = _draw(rng, _number, held_out)
     return RetrievalCase(

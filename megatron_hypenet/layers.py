@@ -1,6 +1,6 @@
 """HypeNet token mixers and norms as megatron-core modules.
 
-Both mixers sit in the `self_attention` slot of megatron-core's `TransformerLayer` and take their
+The mixers sit in the `self_attention` slot of megatron-core's `TransformerLayer` and take their
 linear layers from `ModuleSpec` submodules, so tensor parallelism comes from
 `ColumnParallelLinear`/`RowParallelLinear` and nothing here talks to the parallel state except
 through the TP group handed in. The math is docs/architecture.md; the HF export mirrors it.
@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from kernels import lightning_attention, lightning_slopes
+from kernels import gated_delta_rule, lightning_attention, lightning_slopes
 
 from .config import HypeNetConfig
 
@@ -198,10 +198,12 @@ class MixerSubmodules:
     linear_qkv: Union[ModuleSpec, type] = None
     linear_proj: Union[ModuleSpec, type] = None
     linear_gate: Union[ModuleSpec, type, None] = None
+    linear_a: Union[ModuleSpec, type, None] = None  # Gated DeltaNet: decay input
+    linear_b: Union[ModuleSpec, type, None] = None  # Gated DeltaNet: beta input
 
 
 class _Mixer(MegatronModule):
-    """What both mixers share: the fused QKV projection, the output projection and the head shard."""
+    """What every mixer shares: the fused QKV projection, the output projection and the head shard."""
 
     def __init__(self, config, submodules, layer_number, num_heads, qkv_out, proj_in, pg_collection):
         super().__init__(config=config)
@@ -226,14 +228,14 @@ class _Mixer(MegatronModule):
         eps = self.config.layernorm_epsilon
         return rms_norm(q, self.q_layernorm.weight, eps), rms_norm(k, self.k_layernorm.weight, eps)
 
-    def _mix(self, qkv):
-        """`core` (everything between linear_qkv and linear_proj: the per-head activations). Selective
-        recompute with "core_attn" keeps only its input and recomputes it in the backward, as megatron-core
-        does for its core attention."""
+    def _mix(self, *inputs):
+        """`core` (everything between the input projections and linear_proj: the per-head activations).
+        Selective recompute with "core_attn" keeps only its inputs and recomputes it in the backward, as
+        megatron-core does for its core attention."""
         config = self.config
         if self.training and config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules:
-            return checkpoint_under_forward_autocast(self.core, False, qkv)
-        return self.core(qkv)
+            return checkpoint_under_forward_autocast(self.core, False, *inputs)
+        return self.core(*inputs)
 
 
 class _HeadNorm(torch.nn.Module):
@@ -309,12 +311,11 @@ def _identity_conv(w):
     return w
 
 
-class LightningAttention(_Mixer):
-    """Lightning Attention mixer (docs/architecture.md): un-shared K/V, QK-norm, RoPE, fixed ALiBi decay,
-    output RMSNorm over all heads, sigmoid output gate, optional short conv.
+class RNNMixer(_Mixer):
+    """What the RNN mixers share (docs/architecture.md): un-shared K/V, QK-norm, RoPE, output RMSNorm over all
+    heads, sigmoid output gate, optional short conv. Subclasses give the recurrence and its extra inputs.
 
-    `linear_qkv` is laid out per head ([q_h; k_h; v_h]), so a TP rank holds whole heads, and each rank
-    takes the decay slopes of its *global* head indices.
+    `linear_qkv` is laid out per head ([q_h; k_h; v_h]), so a TP rank holds whole heads.
     """
 
     def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
@@ -322,8 +323,6 @@ class LightningAttention(_Mixer):
         H, D = config.lightning_num_heads, config.lightning_head_dim
         super().__init__(config, submodules, layer_number, H, 3 * H * D, H * D, pg_collection)
         self.head_dim = D
-        first = self.tp_rank * self.local_heads
-        self.register_buffer("slopes", lightning_slopes(H)[first : first + self.local_heads], persistent=False)
         self.scale = {"sqrt": D**-0.5, "linear": 1.0 / D, "none": 1.0}[config.lightning_scale]
         local = self.local_heads * D
         if config.lightning_qk_norm:
@@ -332,23 +331,40 @@ class LightningAttention(_Mixer):
         if config.lightning_output_norm:
             self.out_norm = _ShardedVector(config, (local,), torch.nn.init.ones_)
         if config.lightning_output_gate:
-            self.linear_gate = build_module(
-                submodules.linear_gate, config.hidden_size, H * D, config=config, init_method=config.init_method,
-                gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_group=self.tp_group,
-            )
+            self.linear_gate = self._column_linear(submodules.linear_gate, H * D)
         if config.lightning_short_conv:
             K = config.lightning_conv_size
             self.q_conv, self.k_conv, self.v_conv = (_ShardedVector(config, (local, 1, K), _identity_conv) for _ in range(3))
 
+    def _column_linear(self, spec, out_features):
+        """A projection of the layer input split over TP by head (its output stays sharded)."""
+        return build_module(
+            spec, self.config.hidden_size, out_features, config=self.config, init_method=self.config.init_method,
+            gather_output=False, bias=False, skip_bias_add=True, is_expert=False, tp_group=self.tp_group,
+        )
+
+    def local_slopes(self) -> torch.Tensor:
+        """The ALiBi slopes of this rank's heads, by *global* head index."""
+        first = self.tp_rank * self.local_heads
+        return lightning_slopes(self.config.lightning_num_heads)[first : first + self.local_heads]
+
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         qkv, _ = self.linear_qkv(hidden_states)  # sequence parallel: gathers the whole sequence
-        o = self._mix(qkv)
+        o = self._mix(qkv, *self.recurrence_inputs(hidden_states))
         if self.config.lightning_output_gate:
             gate, _ = self.linear_gate(hidden_states)
             o = o * torch.sigmoid(gate)
         return self.linear_proj(o)
 
-    def core(self, qkv):
+    def recurrence_inputs(self, hidden_states) -> tuple:
+        """Per-token inputs of the recurrence besides q, k, v, computed from the layer input."""
+        return ()
+
+    def recurrence(self, q, k, v, *inputs):
+        """o [b, t, h, d] from q, k, v [b, t, h, d] and `recurrence_inputs` ([s, b, ...])."""
+        raise NotImplementedError
+
+    def core(self, qkv, *inputs):
         s, b, _ = qkv.shape
         H, D = self.local_heads, self.head_dim
         qkv = qkv.view(s, b, H, 3, D)
@@ -362,9 +378,59 @@ class LightningAttention(_Mixer):
         if self.config.lightning_rope:
             cos, sin = rope_cos_sin(sequence_positions(s, q.device), D, self.config.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = cp_lightning_attention(*(x.transpose(0, 1) for x in (q, k, v)), self.slopes, self.scale)
+        o = self.recurrence(*(x.transpose(0, 1) for x in (q, k, v)), *inputs)
         o = o.transpose(0, 1).reshape(s, b, H * D)
         if self.config.lightning_output_norm:
             group = self.tp_group if self.tp_size > 1 else None
             o = rms_norm(o, self.out_norm.weight, self.config.layernorm_epsilon, group, H * D * self.tp_size)
+        return o
+
+
+class LightningAttention(RNNMixer):
+    """Lightning Attention ('L'): linear attention with a fixed per-head ALiBi decay exp(-slope_h)."""
+
+    def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
+                 **kwargs):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self.register_buffer("slopes", self.local_slopes(), persistent=False)
+
+    def recurrence(self, q, k, v):
+        return cp_lightning_attention(q, k, v, self.slopes, self.scale)
+
+
+# softplus(DT_BIAS_INIT) = 1: with a zero decay projection, a converted layer starts at Lightning's decay
+DT_BIAS_INIT = math.log(math.e - 1)
+
+
+class GatedDeltaNet(RNNMixer):
+    """Gated DeltaNet ('D', docs/architecture.md): the delta rule with a data-dependent decay,
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, q and k L2-normalised inside the op.
+
+    g_t = log a_t = -exp(A_log) * softplus(linear_a(x_t) + dt_bias) and b_t = sigmoid(linear_b(x_t)), one of
+    each per head. Initialised so that a converted layer starts with Lightning's decay: linear_a and linear_b
+    zero (b = 1/2), A_log = log(slope_h), softplus(dt_bias) = 1. No context parallelism (config refuses it).
+    """
+
+    def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
+                 **kwargs):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        H = config.lightning_num_heads
+        self.linear_a = self._column_linear(submodules.linear_a, H)
+        self.linear_b = self._column_linear(submodules.linear_b, H)
+        with torch.no_grad():
+            self.linear_a.weight.zero_()
+            self.linear_b.weight.zero_()
+        slopes = self.local_slopes()
+        self.A_log = _ShardedVector(config, (self.local_heads,), lambda w: w.copy_(slopes.log()))
+        self.dt_bias = _ShardedVector(config, (self.local_heads,), lambda w: w.fill_(DT_BIAS_INIT))
+
+    def recurrence_inputs(self, hidden_states):
+        a, _ = self.linear_a(hidden_states)  # sequence parallel: gathers the whole sequence
+        b, _ = self.linear_b(hidden_states)
+        return a, b
+
+    def recurrence(self, q, k, v, a, b):
+        a, b = a.transpose(0, 1).float(), b.transpose(0, 1).float()  # [b, t, h]
+        g = -self.A_log.weight.float().exp() * F.softplus(a + self.dt_bias.weight.float())
+        o, _ = gated_delta_rule(q, k, v, g, torch.sigmoid(b), scale=self.scale)
         return o

@@ -18,8 +18,15 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from .config import ATTENTION, LIGHTNING, HypeNetConfig
-from .layers import HypeNetAttention, LightningAttention, MixerSubmodules, RMSNorm, checkpoint_under_forward_autocast
+from .config import ATTENTION, GATED_DELTA, LIGHTNING, HypeNetConfig
+from .layers import (
+    GatedDeltaNet,
+    HypeNetAttention,
+    LightningAttention,
+    MixerSubmodules,
+    RMSNorm,
+    checkpoint_under_forward_autocast,
+)
 
 # megatron-core's own recomputation (full layers, selective "mlp") goes through tensor_parallel.checkpoint:
 # give it back the forward's autocast state too (see checkpoint_under_forward_autocast).
@@ -43,11 +50,18 @@ MIXERS = {
             linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear, linear_gate=ColumnParallelLinear
         ),
     ),
+    GATED_DELTA: ModuleSpec(
+        module=GatedDeltaNet,
+        submodules=MixerSubmodules(
+            linear_qkv=ColumnParallelLinear, linear_proj=RowParallelLinear, linear_gate=ColumnParallelLinear,
+            linear_a=ColumnParallelLinear, linear_b=ColumnParallelLinear,
+        ),
+    ),
 }
 
 
 def layer_spec(mixer: str) -> ModuleSpec:
-    """A Qwen3 decoder layer whose token mixer is `mixer` ("A" or "L")."""
+    """A Qwen3 decoder layer whose token mixer is `mixer` ("A", "L" or "D")."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from .config import ATTENTION
+from .config import ATTENTION, GATED_DELTA
 from .model import padded_vocab_size
 
 
@@ -30,7 +30,7 @@ def split_qkv_grouped(w, heads: int, groups: int, dim: int):
 
 
 def merge_qkv_per_head(q, k, v, heads: int, dim: int) -> torch.Tensor:
-    """Lightning layout: per head [q_h; k_h; v_h], so a TP shard holds whole heads."""
+    """RNN-mixer (Lightning, Gated DeltaNet) layout: per head [q_h; k_h; v_h], so a TP shard holds whole heads."""
     hidden = q.shape[-1]
     return torch.stack([x.view(heads, dim, hidden) for x in (q, k, v)], dim=1).reshape(-1, hidden)
 
@@ -48,7 +48,7 @@ def repeat_kv(w, heads: int, groups: int, dim: int) -> torch.Tensor:
 
 
 def attention_to_lightning_qkv(qkv_grouped, heads: int, groups: int, dim: int) -> torch.Tensor:
-    """HALO stage-1 init of a Lightning mixer's fused QKV from an attention mixer's (works per TP shard)."""
+    """HALO stage-1 init of an RNN mixer's fused QKV from an attention mixer's (works per TP shard)."""
     q, k, v = split_qkv_grouped(qkv_grouped, heads, groups, dim)
     return merge_qkv_per_head(q, repeat_kv(k, heads, groups, dim), repeat_kv(v, heads, groups, dim), heads, dim)
 
@@ -104,6 +104,11 @@ def mapping_rules(desc: dict) -> Iterator[Rule]:
         if desc["lightning_short_conv"]:
             for x in "qkv":
                 yield _same(a + f"{x}_conv.weight", s + f"{x}_conv.weight")
+        if mixer == GATED_DELTA:
+            yield _same(a + "linear_a.weight", s + "a_proj.weight")
+            yield _same(a + "linear_b.weight", s + "b_proj.weight")
+            yield _same(a + "A_log.weight", s + "A_log")
+            yield _same(a + "dt_bias.weight", s + "dt_bias")
     yield _same("decoder.final_layernorm.weight", "model.norm.weight")
     if not desc["tie_word_embeddings"]:
         yield ("output_layer.weight", ["lm_head.weight"], *vocab)

@@ -1,17 +1,39 @@
 """One-command HALO recipes: teacher -> data -> align -> select -> distill -> finetune -> HF export -> report.
 
 Every stage runs through the same entry point as `pretrain_hypenet.py` with flags built from the
-recipe, so a recipe is exactly a sequence of commands a user could type. A stage whose checkpoint is
-already complete is skipped and an interrupted one resumes, so re-running a recipe continues it.
+recipe, so a recipe is exactly a sequence of commands a user could type (the report lists them). A
+stage whose checkpoint is already complete is skipped and an interrupted one resumes, so re-running a
+recipe continues it.
+
+Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml):
+
+- `data.local_corpus: {max_bytes, heldout_fraction, ...}`: the corpus is the Python sources and docs
+  installed on this machine (tools/build_local_corpus.py), split by file; the tokenizer and the teacher
+  train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
+  files.
+- Without a `select` stage the main student takes `stages.distill.layer_pattern` (a fixed pattern).
+- `ablations: {name: {kind, options, reuse_align, layer_pattern}}`: student variants, each its own
+  distill + finetune (and align unless `reuse_align`: true when `options` do not change what align
+  trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main
+  student. `options` are stage flags applied to the variant's align, distill and finetune;
+  `layer_pattern` is `selected` (the main run's select result, the default), `even` (as many attention
+  layers, evenly spaced; no select run) or a literal pattern. With `options.rnn_mixer` the recurrent
+  layers of the pattern take that mixer's letter (`config.RNN_MIXERS`). `kind: position` marks the ablations
+  the "HyPE beats its ablations" target compares with.
+- `eval`: `tasks` (needle, passkey), `needle_multipliers` (prompt lengths of every task, in training
+  lengths), `needle_examples` (prompts per task and length), `loss_samples`, `batch_tokens` (tokens per
+  evaluation forward), `decode_compile` (torch.compile backend of the decode-speed step; GPU only).
 """
 
+import datetime
+import gc
 import itertools
 import json
 import logging
 import math
 import os
 import time
-from typing import List
+from typing import List, Optional
 
 import torch
 import yaml
@@ -19,6 +41,9 @@ import yaml
 log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
+TEACHER, STUDENT = "teacher (Qwen3)", "student (HypeNet)"
+ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern"}
+HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
 
 
 def to_flags(options: dict) -> List[str]:
@@ -36,12 +61,43 @@ def to_flags(options: dict) -> List[str]:
     return flags
 
 
+def stage_command(stage: str, options: dict) -> str:
+    return " ".join(["python pretrain_hypenet.py", "--stage", stage, *to_flags(options)])
+
+
+def data_commands(recipe: dict, work: str, teacher_hf: str, prefix: str) -> List[str]:
+    """The command lines equivalent to what `_prepare_teacher_and_data` and the teacher conversion did."""
+    data, commands = recipe.get("data", {}), []
+    if "local_corpus" in data:
+        paths = local_corpus_paths(work)
+        commands.append(" ".join(["python tools/build_local_corpus.py", *to_flags(
+            {"output": paths["train"], "heldout": paths["heldout"], **data["local_corpus"]})]))
+        inputs = [paths["train"]]
+    elif "generate_corpus" in data:
+        inputs = [os.path.join(work, "corpus.jsonl")]  # (megatron_hypenet.corpus.generate_corpus)
+    else:
+        inputs = data.get("inputs", [])
+    if recipe.get("hf_teacher") is None:
+        spec = recipe["make_tiny_teacher"]
+        commands.append(" ".join(["python tools/train_tokenizer.py", *to_flags(
+            {"input": inputs, "vocab_size": spec.get("tokenizer_vocab_size", 1024),
+             "max_chars": spec.get("tokenizer_max_chars"), "output_dir": os.path.join(work, "tokenizer")})]))
+        commands.append(f"# {teacher_hf}: a random Qwen3 (megatron_hypenet.tiny.save_random_qwen3) of "
+                        + ", ".join(f"{k}={v}" for k, v in spec.items() if not k.startswith("tokenizer_")))
+    commands.append(" ".join(["python tools/preprocess_data.py", *to_flags(
+        {"input": inputs, "hf_dataset": data.get("hf_dataset"), "tokenizer": teacher_hf, "output_prefix": prefix,
+         "append_eod": True, "workers": data.get("preprocess_workers", 1)})]))
+    teacher_init = os.path.join(work, "checkpoints", "teacher_init")
+    commands.append(f"python tools/convert_hf_to_mcore.py --hf-dir {teacher_hf} --out {teacher_init}")
+    return commands
+
+
 def run_stage(stage: str, options: dict) -> dict:
     from megatron_hypenet import parallel
     from megatron_hypenet.arguments import parse_args
 
     args = parse_args(["--stage", stage, *to_flags(options)])
-    log.info("stage %s: pretrain_hypenet.py %s", stage, " ".join(["--stage", stage, *to_flags(options)]))
+    log.info("stage %s: %s", stage, stage_command(stage, options))
     try:
         if stage == "select":
             from megatron_hypenet.halo.select import run_select
@@ -52,6 +108,12 @@ def run_stage(stage: str, options: dict) -> dict:
         return train(args)
     finally:
         parallel.destroy()
+
+
+def local_corpus_paths(work: str) -> dict:
+    folder = os.path.join(work, "corpus")
+    return {"train": os.path.join(folder, "train.jsonl"), "heldout": os.path.join(folder, "heldout.jsonl"),
+            "stats": os.path.join(folder, "stats.json")}
 
 
 def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
@@ -65,6 +127,18 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
         if not os.path.exists(corpus):
             generate_corpus(corpus, **data["generate_corpus"])
         inputs = [corpus]
+    elif "local_corpus" in data:
+        from tools.build_local_corpus import build_local_corpus
+
+        paths = local_corpus_paths(work)
+        if not os.path.exists(paths["stats"]):  # written last: the corpus files are complete
+            stats = build_local_corpus(paths["train"], paths["heldout"], **data["local_corpus"])
+            if not stats["reached_max_bytes"]:
+                log.warning("local corpus: only %d bytes of text installed here, under max_bytes; the teacher "
+                            "sees its data more often", stats["train_bytes"] + stats["heldout_bytes"])
+            with open(paths["stats"], "w") as f:
+                json.dump(stats, f, indent=2)
+        inputs = [paths["train"]]
     else:
         inputs = data.get("inputs", [])
     teacher_hf = recipe.get("hf_teacher")
@@ -73,10 +147,11 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
         from tools.train_tokenizer import train_tokenizer
 
         spec = dict(recipe["make_tiny_teacher"])
+        vocab_size, max_chars = spec.pop("tokenizer_vocab_size", 1024), spec.pop("tokenizer_max_chars", None)
         teacher_hf = os.path.join(work, "teacher_hf_init")
         if not os.path.exists(os.path.join(teacher_hf, "config.json")):
             tok_dir = os.path.join(work, "tokenizer")
-            train_tokenizer(inputs, spec.pop("tokenizer_vocab_size", 1024), tok_dir)
+            train_tokenizer(inputs, vocab_size, tok_dir, max_chars=max_chars)
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -85,104 +160,373 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
     prefix = os.path.join(work, "data", "corpus")
     if not os.path.exists(prefix + ".idx"):
         kwargs = {"hf_dataset": data["hf_dataset"]} if "hf_dataset" in data else {}
-        preprocess(inputs, teacher_hf, prefix, append_eod=True, **kwargs)
+        preprocess(inputs, teacher_hf, prefix, append_eod=True, workers=data.get("preprocess_workers", 1), **kwargs)
     return teacher_hf, prefix
 
 
-def run_recipe(path: str, work_dir: str = None) -> dict:
+def even_pattern(num_layers: int, num_attention: int) -> str:
+    """`num_attention` attention layers spread evenly, the last layer one of them."""
+    from tools.bench_inference import hybrid_pattern
+
+    return hybrid_pattern(num_layers, num_attention / num_layers)
+
+
+def ablation_pattern(spec: dict, selected: str) -> str:
+    """The variant's layer pattern: the selected one, evenly spaced attention, or a literal; its
+    recurrent layers in the letter of `options.rnn_mixer`."""
+    choice = spec.get("layer_pattern", "selected")
+    if choice == "selected":
+        pattern = selected
+    elif choice == "even":
+        pattern = even_pattern(len(selected), selected.count("A"))
+    else:
+        pattern = choice
+        if len(pattern) != len(selected) or set(pattern) - {"A", "L"}:
+            raise ValueError(f"layer_pattern {pattern!r}: give 'selected', 'even', or {len(selected)} letters A/L")
+    from megatron_hypenet.config import LIGHTNING, RNN_MIXERS
+
+    mixer = spec.get("options", {}).get("rnn_mixer", "lightning")
+    if mixer not in RNN_MIXERS:
+        raise ValueError(f"rnn_mixer {mixer!r}: known mixers are {sorted(RNN_MIXERS)}")
+    return pattern.replace(LIGHTNING, RNN_MIXERS[mixer])
+
+
+def fixed_pattern(stages: dict) -> str:
+    """The main student's pattern when the recipe has no select stage: `stages.distill.layer_pattern`."""
+    pattern = stages.get("distill", {}).get("layer_pattern")
+    if not isinstance(pattern, str) or "A" not in pattern:
+        raise ValueError("the recipe has no `select` stage, so `stages.distill.layer_pattern` must give the student's "
+                         f"layer pattern (one letter per layer, some 'A'), e.g. LLLALLLALLLA; got {pattern!r}")
+    return pattern
+
+
+def check_ablations(ablations: dict) -> None:
+    for name, spec in ablations.items():
+        unknown = set(spec) - ABLATION_KEYS
+        if unknown:
+            raise ValueError(f"ablation {name!r}: unknown keys {sorted(unknown)} (known: {sorted(ABLATION_KEYS)})")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"ablation {name!r}: use letters, digits, '_' and '-' (it names folders)")
+
+
+def read_metrics(save_dir: str) -> list:
+    path = os.path.join(save_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def stage_tokens(save_dir: str) -> int:
+    """Training tokens of a finished stage: consumed samples (iterations x global batch) x its sequence length."""
+    rows = read_metrics(save_dir)
+    if not rows:
+        return 0
+    with open(os.path.join(save_dir, "config.yaml")) as f:  # the stage's resolved flags
+        seq_length = yaml.safe_load(f)["seq_length"]
+    return rows[-1]["consumed_samples"] * seq_length
+
+
+class _Runner:
+    """Runs a recipe's stages, recording each one's command, tokens, speed and loss curve."""
+
+    def __init__(self, work: str, common: dict):
+        self.work, self.common = work, common
+        self.results, self.commands, self.tokens, self.tokens_per_s, self.curves = {}, [], {}, {}, {}
+
+    def ck(self, name: str) -> str:
+        return os.path.join(self.work, "checkpoints", name)
+
+    def __call__(self, key: str, stage: str, options: dict) -> dict:
+        options = {**self.common, **options}
+        self.commands.append(stage_command(stage, options))
+        result = self.results[key] = run_stage(stage, options)
+        if stage != "select":
+            rows = read_metrics(options["save"])
+            self.tokens[key] = stage_tokens(options["save"])
+            self.tokens_per_s[key] = _mean_tokens_per_s(rows)
+            self.curves[key] = [[r["iteration"], r["loss"]] for r in rows]
+        return result
+
+
+def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) -> dict:
     with open(path) as f:
         recipe = yaml.safe_load(f)
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
+    ablations = recipe.get("ablations") or {}
+    check_ablations(ablations)
     t_start = time.time()
     teacher_hf, prefix = _prepare_teacher_and_data(recipe, work)
 
-    from megatron_hypenet.convert import hf_to_mcore, mcore_to_hf
+    from megatron_hypenet.convert import hf_to_mcore
 
-    ck = lambda name: os.path.join(work, "checkpoints", name)  # noqa: E731
+    run = _Runner(work, dict(recipe.get("common", {}), data_path=prefix, tokenizer=teacher_hf))
+    run.commands += data_commands(recipe, work, teacher_hf, prefix)
+    ck = run.ck
     if not os.path.exists(os.path.join(ck("teacher_init"), "latest_checkpointed_iteration.txt")):
         hf_to_mcore(teacher_hf, ck("teacher_init"))
-    common = dict(recipe.get("common", {}), data_path=prefix, tokenizer=teacher_hf)
     stages = recipe.get("stages", {})
     teacher = ck("teacher_init")
-    results = {}
     if "pretrain" in stages:
-        results["pretrain"] = run_stage("pretrain", {**common, "load": teacher, "save": ck("teacher"), **stages["pretrain"]})
+        run("pretrain", "pretrain", {"load": teacher, "save": ck("teacher"), **stages["pretrain"]})
         teacher = ck("teacher")
-    results["align"] = run_stage("align", {**common, "teacher": teacher, "save": ck("align"), **stages.get("align", {})})
-    results["select"] = run_stage("select", {**common, "teacher": teacher, "load": ck("align"), "save": ck("select"),
-                                             **stages.get("select", {})})
-    pattern_file = os.path.join(ck("select"), "layer_pattern.txt")
-    results["distill"] = run_stage("distill", {**common, "teacher": teacher, "load": ck("align"),
-                                               "layer_pattern": pattern_file, "save": ck("distill"),
-                                               **stages.get("distill", {})})
+    run("align", "align", {"teacher": teacher, "save": ck("align"), **stages.get("align", {})})
+    if "select" in stages:
+        # a teacher trained on real text is scored on haystacks of its held-out files, not on synthetic prose
+        haystack = {"select_haystack": local_corpus_paths(work)["heldout"]} if "local_corpus" in recipe.get("data", {}) else {}
+        run("select", "select", {"teacher": teacher, "load": ck("align"), "save": ck("select"), **haystack,
+                                 **stages["select"]})
+        pattern = run.results["select"]["layer_pattern"]
+    else:  # a fixed pattern instead of the selection sweep
+        pattern = fixed_pattern(stages)
+    run("distill", "distill", {"teacher": teacher, "load": ck("align"), **stages.get("distill", {}),
+                               "layer_pattern": pattern, "save": ck("distill")})
     final = ck("distill")
     if "finetune" in stages:
-        results["finetune"] = run_stage("finetune", {**common, "load": ck("distill"), "save": ck("finetune"),
-                                                     **stages["finetune"]})
+        run("finetune", "finetune", {"load": ck("distill"), "save": ck("finetune"), **stages["finetune"]})
         final = ck("finetune")
 
-    hf_teacher_out, hf_student_out = os.path.join(work, "hf_teacher"), os.path.join(work, "hf_student")
-    for src, dst in ((teacher, hf_teacher_out), (final, hf_student_out)):
-        mcore_to_hf(src, dst, overwrite=True)
-    report = evaluate_exports(recipe, work, hf_teacher_out, hf_student_out, prefix, results)
-    report["minutes"] = (time.time() - t_start) / 60
-    with open(os.path.join(work, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    exports = {TEACHER: os.path.join(work, "hf_teacher"), STUDENT: os.path.join(work, "hf_student")}
+    for src, name in ((teacher, TEACHER), (final, STUDENT)):
+        export(run, src, exports[name])
+    variants = {}
+    for name, spec in ablations.items():
+        try:
+            variants[name] = run_ablation(run, name, spec, stages, teacher, pattern)
+            exports[name] = os.path.join(work, f"hf_{name}")
+            export(run, variants[name].pop("checkpoint"), exports[name])
+        except Exception as err:  # noqa: BLE001  (one failed experiment must not lose the others' results)
+            log.exception("ablation %s failed; the report goes on without it", name)
+            variants[name] = {"kind": spec.get("kind"), "options": spec.get("options") or {},
+                              "error": f"{type(err).__name__}: {err}"}
+
+    heldout = local_corpus_paths(work)["heldout"] if "local_corpus" in recipe.get("data", {}) else None
+    if command is None:
+        command = " ".join(["python tools/halo.py --recipe", path] + (["--work-dir", work_dir] if work_dir else []))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    report = {"name": recipe.get("name", "recipe"), "command": command, "device": device_name(),
+              "date": now.isoformat(timespec="seconds"),
+              "train_length": recipe["common"]["seq_length"], "layer_pattern": pattern,
+              **evaluate_exports(recipe, exports, prefix, heldout),
+              "tokens_per_s": run.tokens_per_s, "tokens": run.tokens, "halo_budget": halo_budget(run.tokens),
+              "ablations": variants,
+              "selection": ({k: run.results["select"][k] for k in ("attention_layers", "teacher_recall", "layers")}
+                            if "select" in run.results else None)}
+    report["decode"] = _decode_report(recipe, report, exports)
+    if heldout:
+        report["corpus"] = _corpus_report(work, prefix)
+    report.update(exports=exports, commands=run.commands, loss_curves=run.curves, minutes=(time.time() - t_start) / 60)
+    write_report(report, work, pages=bool(ablations or heldout))
     print(format_report(report))
     return report
 
 
-def _stage_tokens_per_s(save_dir: str) -> float:
-    path = os.path.join(save_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return float("nan")
-    rows = [json.loads(line) for line in open(path)]
+def write_report(report: dict, work: str, pages: bool) -> None:
+    """<work>/report.json, and with `pages` the results page: <work>/results.md beside <work>/results/ (its
+    plots and a copy of report.json: one flat folder of small files, easy to bring back from a GPU machine)."""
+    paths = [os.path.join(work, "report.json")]
+    if pages:
+        os.makedirs(os.path.join(work, "results"), exist_ok=True)
+        paths.append(os.path.join(work, "results", "report.json"))
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    if pages:
+        from tools.write_results import write_results
+
+        write_results(report, os.path.join(work, "results.md"))
+
+
+def _decode_report(recipe: dict, report: dict, exports: dict) -> dict:
+    longest = report["train_length"] * max(report["multipliers"])
+    try:
+        return decode_speed({TEACHER: exports[TEACHER], STUDENT: exports[STUDENT]}, longest, report["train_length"],
+                            recipe.get("eval", {}).get("decode_compile", "none"))
+    except Exception as err:  # noqa: BLE001  (the timing comes last: keep everything measured before it)
+        log.exception("decode speed failed")
+        return {"length": longest, "error": f"{type(err).__name__}: {err}"}
+
+
+def _corpus_report(work: str, prefix: str) -> dict:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    with open(local_corpus_paths(work)["stats"]) as f:
+        corpus = json.load(f)
+    indexed = IndexedDataset(prefix)  # (its sequence lengths are a view of the index, closed with it)
+    corpus["train_tokens"] = int(indexed.sequence_lengths.sum())
+    del indexed
+    return corpus
+
+
+def export(run: _Runner, checkpoint: str, out: str) -> None:
+    from megatron_hypenet.convert import mcore_to_hf
+
+    run.commands.append(f"python tools/convert_mcore_to_hf.py --mcore-dir {checkpoint} --out {out} --overwrite")
+    mcore_to_hf(checkpoint, out, overwrite=True)
+
+
+def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
+    """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
+    options = dict(spec.get("options") or {})
+    ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
+    if spec.get("reuse_align"):
+        align = run.ck("align")
+    else:
+        align = ck("align")
+        run(f"{name}/align", "align", {"teacher": teacher, "save": align, **stages.get("align", {}), **options})
+    pattern = ablation_pattern(spec, selected)
+    run(f"{name}/distill", "distill", {"teacher": teacher, "load": align, "layer_pattern": pattern,
+                                       "save": ck("distill"), **stages.get("distill", {}), **options})
+    final = ck("distill")
+    if "finetune" in stages:
+        run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"), **stages["finetune"], **options})
+        final = ck("finetune")
+    return {"kind": spec.get("kind"), "options": options, "reused_align": bool(spec.get("reuse_align")),
+            "layer_pattern": pattern, "checkpoint": final,
+            "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
+
+
+def _attention_layers(pattern: str) -> list:
+    return [i for i, c in enumerate(pattern) if c == "A"]
+
+
+def halo_budget(tokens: dict) -> dict:
+    """The main run's HALO training tokens against the teacher's (select trains nothing)."""
+    halo = sum(tokens.get(stage, 0) for stage in HALO_STAGES)
+    teacher = tokens.get("pretrain")
+    return {"halo_tokens": halo, "teacher_tokens": teacher,
+            "percent_of_teacher": 100.0 * halo / teacher if teacher else None}
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def _mean_tokens_per_s(rows: list) -> float:
     rows = rows[1:] or rows  # the first step pays one-off start-up costs
-    return sum(r["tokens_per_s"] for r in rows) / max(1, len(rows))
+    return sum(r["tokens_per_s"] for r in rows) / len(rows) if rows else float("nan")
 
 
-def evaluate_exports(recipe, work, teacher_dir, student_dir, prefix, results) -> dict:
-    """Loads both exported HF folders with transformers and compares them on held-out data and retrieval."""
+def _loss_batches(recipe: dict, prefix: str, heldout: Optional[str], tok, batch_size: int) -> list:
+    """Held-out token batches: windows of the held-out files (local corpus), else the data's valid split."""
+    ev = recipe.get("eval", {})
+    train_len, samples = recipe["common"]["seq_length"], ev.get("loss_samples", 16)
+    if heldout:
+        from tools.eval_long_context import read_texts, token_windows
+
+        windows = token_windows(tok, read_texts(heldout), train_len + 1, samples)
+        if not windows:
+            raise ValueError(f"{heldout} holds fewer than {train_len + 1} tokens: raise max_bytes or heldout_fraction")
+        return [torch.tensor(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+    from megatron_hypenet.data import build_gpt_datasets, make_dataloader
+
+    _, valid, _ = build_gpt_datasets(prefix, train_len, 1234, 1, valid_samples=samples,
+                                     eod_id=tok.eos_token_id, split=recipe["common"].get("split", "98,2,0"))
+    # megatron-core builds whole epochs of the split: take only the samples asked for
+    return list(itertools.islice(make_dataloader(valid, batch_size, 0, 0), math.ceil(samples / batch_size)))
+
+
+def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional[str] = None) -> dict:
+    """Loads each exported HF folder with transformers (bf16 on GPU, fp32 on CPU) and scores it on held-out
+    data (loss) and retrieval (exact match at each length); every model sees the same prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_hypenet.data import build_gpt_datasets, make_dataloader
-    from megatron_hypenet.retrieval import lm_loss, make_needle_examples, retrieval_accuracy
+    from megatron_hypenet.retrieval import (
+        TextFiller,
+        lm_loss,
+        make_needle_examples,
+        make_passkey_examples,
+        retrieval_accuracy,
+    )
 
     ev = recipe.get("eval", {})
     train_len = recipe["common"]["seq_length"]
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
-    loss_samples, num_needles = ev.get("loss_samples", 16), ev.get("needle_examples", 20)
-    _, valid, _ = build_gpt_datasets(prefix, train_len, 1234, 1, valid_samples=loss_samples,
-                                     eod_id=tok.eos_token_id, split=recipe["common"].get("split", "98,2,0"))
-    # megatron-core builds whole epochs of the split: take only the samples asked for
-    batches = list(itertools.islice(make_dataloader(valid, 4, 0, 0), math.ceil(loss_samples / 4)))
-    report = {"train_length": train_len, "needle_examples": num_needles, "models": {}}
-    for name, folder in (("teacher (Qwen3)", teacher_dir), ("student (HypeNet)", student_dir)):
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-        logits_fn = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok = AutoTokenizer.from_pretrained(exports[TEACHER])
+    batch_tokens = ev.get("batch_tokens", 4 * train_len)
+    batches = _loss_batches(recipe, prefix, heldout, tok, max(1, batch_tokens // train_len))
+    tasks, multipliers = ev.get("tasks", ["needle"]), ev.get("needle_multipliers", [1, 4])
+    num = ev.get("needle_examples", 20)
+    makers = {"needle": make_needle_examples, "passkey": make_passkey_examples}
+    if set(tasks) - set(makers):
+        raise ValueError(f"eval.tasks {tasks}: known tasks are {sorted(makers)}")
+    filler = TextFiller.from_jsonl(heldout) if heldout else None
+    extra = {"filler": filler} if filler else {}
+    examples = {(task, m): makers[task](tok, train_len * m, num, seed=7, **extra)
+                for task in tasks for m in multipliers}
+    models, parameters = {}, {}
+    for name, folder in exports.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).to(device).eval()
+        logits_fn = lambda ids: model(input_ids=ids.to(device), use_cache=False).logits  # noqa: E731
+        parameters[name] = sum(p.numel() for p in model.parameters())  # tied embeddings once
         row = {"valid_loss": lm_loss(logits_fn, batches)}
-        for mult in ev.get("needle_multipliers", [1, 4]):
-            examples = make_needle_examples(tok, train_len * mult, num_needles, seed=7)
-            row[f"needle@{mult}x"], _ = retrieval_accuracy(logits_fn, examples)
-        report["models"][name] = row
-    report["tokens_per_s"] = {stage: _stage_tokens_per_s(os.path.join(work, "checkpoints", "teacher" if stage == "pretrain" else stage))
-                              for stage in results if stage != "select"}
-    report["layer_pattern"] = results["select"]["layer_pattern"]
-    report["exports"] = {"teacher": teacher_dir, "student": student_dir}
-    return report
+        for (task, m), prompts in examples.items():
+            row[f"{task}@{m}x"], _ = retrieval_accuracy(logits_fn, prompts, max(1, batch_tokens // (train_len * m)))
+        models[name] = row
+        log.info("evaluated %s: %s", name, row)
+        del model, logits_fn
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"models": models, "parameters": parameters, "tasks": tasks, "multipliers": multipliers,
+            "needle_examples": num,
+            "loss_tokens": sum(int(b["loss_mask"].sum()) if isinstance(b, dict) else b[:, 1:].numel() for b in batches),
+            "haystack": "held-out files of the local corpus" if heldout else "synthetic corpus prose",
+            "eval_dtype": str(dtype).replace("torch.", ""), "eval_device": device.type}
+
+
+def decode_speed(exports: dict, length: int, chunk: int, backend: str = "none", device: Optional[str] = None) -> dict:
+    """Time per output token at `length` tokens of context for each HF folder, with tools/bench_inference.py's
+    harness (chunked prefill, then one decode step captured in a CUDA graph), bf16. Skipped without a GPU
+    unless `device` is given (a CPU run checks the wiring, in fp32; its times mean nothing)."""
+    if device is None and not torch.cuda.is_available():
+        log.info("decode speed: skipped (no CUDA device; tools/bench_inference.py times decoding on GPUs only)")
+        return {"skipped": "no CUDA device", "length": length}
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_hypenet.hf.modeling_hypenet import HypeNetForCausalLM
+    from tools.bench_inference import check_against_hf, measure, qwen3_as_hypenet
+
+    device = torch.device(device or "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = {"length": length, "prefill_chunk": chunk, "compile": backend}
+    for name, folder in exports.items():
+        with open(os.path.join(folder, "config.json")) as f:
+            qwen = json.load(f)["model_type"] == "qwen3"
+        cls = Qwen3ForCausalLM if qwen else HypeNetForCausalLM  # (the package's HypeNet class: the harness's cache)
+        reference = cls.from_pretrained(folder, dtype=dtype).to(device).eval()
+        model = qwen3_as_hypenet(reference) if qwen else reference  # both through the same decode code
+        check = check_against_hf(model, reference, device, 64, backend)
+        measure(model, min(length, 2 * chunk), chunk, device, backend)  # first-use compilation outside the timing
+        out[name] = {**measure(model, length, chunk, device, backend), "logits_check": check}
+        log.info("decode speed %s @ %d: %s", name, length, out[name])
+        del model, reference
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def format_report(report: dict) -> str:
     models = report["models"]
     cols = list(next(iter(models.values())))
+    name_width = max(20, max(map(len, models)) + 2)
     lines = ["", f"HALO summary (training length {report['train_length']} tokens, "
-                 f"student layer pattern {report['layer_pattern']}; needle@Mx: exact-match accuracy on "
+                 f"student layer pattern {report['layer_pattern']}; task@Mx: exact-match accuracy on "
                  f"{report['needle_examples']} held-out prompts of M x {report['train_length']} tokens)",
-             f"{'model':<20}" + "".join(f"{c:>14}" for c in cols)]
+             f"{'model':<{name_width}}" + "".join(f"{c:>14}" for c in cols)]
     for name, row in models.items():
-        lines.append(f"{name:<20}" + "".join(f"{row[c]:>14.4f}" for c in cols))
+        lines.append(f"{name:<{name_width}}" + "".join(f"{row[c]:>14.4f}" for c in cols))
     lines.append("training tokens/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in report["tokens_per_s"].items()))
-    lines.append(f"HF exports: {report['exports']['teacher']} , {report['exports']['student']}")
+    budget = report.get("halo_budget", {})
+    if budget.get("percent_of_teacher") is not None:
+        lines.append(f"HALO tokens: {budget['halo_tokens']:,} = {budget['percent_of_teacher']:.2f}% of the "
+                     f"teacher's {budget['teacher_tokens']:,}")
+    lines.append("HF exports: " + " , ".join(report["exports"].values()))
     lines.append(f"total time: {report.get('minutes', float('nan')):.1f} min")
     return "\n".join(lines)
+

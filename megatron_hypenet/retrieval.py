@@ -5,20 +5,76 @@ evaluated model's tokenizer: each prompt has at most `length` tokens, and is sho
 one filler unit (a sentence or a key-value item). Example i depends only on (task, seed, i): the
 same haystack and needle value are used at every length, so lengths compare like with like. Every
 answer is a held-out value (`corpus.is_held_out`): the synthetic corpus never states these facts.
+
+With a `TextFiller` the needle and pass-key haystacks are real held-out text instead (for a model
+trained on real text, where the grammar's prose would be out of distribution): consecutive
+blank-line-separated blocks of its documents from a random start, the needle one more block. The
+needle is then a Python assignment asked for by its left-hand side (`corpus.code_needle_case`).
 """
 
+import json
 import random
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+import re
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megatron_hypenet.corpus import RetrievalCase, filler_sentences, kv_case, kv_pairs, needle_case, passkey_case
+from megatron_hypenet.corpus import (
+    RetrievalCase,
+    code_needle_case,
+    filler_sentences,
+    kv_case,
+    kv_pairs,
+    needle_case,
+    passkey_case,
+)
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # input_ids LongTensor[B, T] -> logits[B, T, V]
+
+
+class TextFiller:
+    """Haystack units from real documents: their blank-line-separated blocks (blocks longer than
+    `max_unit_chars` cut at line ends), drawn in document order from a random start and joined by a
+    blank line, as in the documents themselves."""
+
+    joins = ("\n\n", "\n\n")  # between units, and before the question
+
+    def __init__(self, texts: Iterable[str], max_unit_chars: int = 400):
+        self.units = []
+        for text in texts:
+            for block in re.split(r"\n[ \t]*\n", text):
+                block = block.strip("\n")
+                if not block.strip():
+                    continue
+                lines, size = [], 0
+                for line in block.split("\n"):
+                    if lines and size + len(line) > max_unit_chars:
+                        self.units.append("\n".join(lines))
+                        lines, size = [], 0
+                    lines.append(line)
+                    size += len(line) + 1
+                self.units.append("\n".join(lines))
+        if not self.units:
+            raise ValueError("TextFiller: the documents hold no text")
+
+    @classmethod
+    def from_jsonl(cls, path: str, json_key: str = "text", **kwargs) -> "TextFiller":
+        with open(path, encoding="utf-8") as f:
+            return cls((json.loads(line)[json_key] for line in f if line.strip()), **kwargs)
+
+    def stream(self, rng: random.Random) -> Iterator[str]:
+        """Endless: after the last unit comes the first (short texts still fill long prompts)."""
+        i = rng.randrange(len(self.units))
+        while True:
+            yield self.units[i % len(self.units)]
+            i += 1
+
+
+SYNTHETIC_JOINS = (" ", "\n")  # the grammar's sentences are joined by a space; the question follows a newline
 
 
 class RetrievalExample(NamedTuple):
@@ -36,12 +92,14 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _make_example(tokenizer, task: str, length: int, depth: float, index: int,
-                  case: RetrievalCase, units: Iterator[str]) -> RetrievalExample:
+                  case: RetrievalCase, units: Iterator[str],
+                  joins: tuple[str, str] = SYNTHETIC_JOINS) -> RetrievalExample:
+    sep, end = joins  # between the haystack's units, and between the haystack and the question
     answer_ids = _encode(tokenizer, case.answer)
     if _encode(tokenizer, case.question + case.answer) != _encode(tokenizer, case.question) + answer_ids:
         raise ValueError(f"{task}: the tokenizer merges tokens across the question/answer boundary "
                          f"({case.question + case.answer!r}); the answer cannot be scored token by token")
-    fixed = len(_encode(tokenizer, case.needle + "\n" + case.question))
+    fixed = len(_encode(tokenizer, case.needle + end + case.question))
     if fixed > length:
         raise ValueError(f"{task}: length={length} tokens cannot hold the needle and the question "
                          f"({fixed} tokens)")
@@ -49,14 +107,14 @@ def _make_example(tokenizer, task: str, length: int, depth: float, index: int,
     # BPE; the exact check below only has to drop the odd unit.
     haystack, estimate = [], fixed
     for unit in units:
-        estimate += len(_encode(tokenizer, " " + unit))
+        estimate += len(_encode(tokenizer, sep + unit))
         if estimate > length:
             break
         haystack.append(unit)
     while True:  # ends: with no haystack left the prompt is the `fixed` tokens
         text = haystack.copy()
         text.insert(round(depth * len(haystack)), case.needle)
-        prompt_ids = _encode(tokenizer, " ".join(text) + "\n" + case.question)
+        prompt_ids = _encode(tokenizer, sep.join(text) + end + case.question)
         if len(prompt_ids) <= length:
             break
         haystack.pop()
@@ -66,27 +124,34 @@ def _make_example(tokenizer, task: str, length: int, depth: float, index: int,
 
 
 def _make_examples(tokenizer, task: str, length: int, num: int, seed: int, depths: Sequence[float],
-                   make_case: Callable[[random.Random], tuple[RetrievalCase, Iterator[str]]]) -> list[RetrievalExample]:
+                   make_case: Callable[[random.Random], tuple[RetrievalCase, Iterator[str]]],
+                   joins: tuple[str, str] = SYNTHETIC_JOINS) -> list[RetrievalExample]:
     """`num` examples; example i has its needle at depth depths[i % len(depths)]."""
     examples = []
     for index in tqdm(range(num), desc=f"{task}@{length}", unit="example", leave=False):
         case, units = make_case(random.Random(f"{task}:{seed}:{index}"))
-        examples.append(_make_example(tokenizer, task, length, depths[index % len(depths)], index, case, units))
+        examples.append(_make_example(tokenizer, task, length, depths[index % len(depths)], index, case, units, joins))
     return examples
 
 
-def make_needle_examples(tokenizer, length: int, num: int, seed: int = 0,
-                         depths: Sequence[float] = DEFAULT_DEPTHS) -> list[RetrievalExample]:
-    """Single needle ("The secret number of Alice is 48213.") in filler prose."""
+def make_needle_examples(tokenizer, length: int, num: int, seed: int = 0, depths: Sequence[float] = DEFAULT_DEPTHS,
+                         filler: Optional[TextFiller] = None) -> list[RetrievalExample]:
+    """Single needle ("The secret number of Alice is 48213.") in filler prose; with `filler`,
+    the line "alice_secret_number = 48213" in real text, asked for by "alice_secret_number ="."""
+    if filler is not None:
+        return _make_examples(tokenizer, "needle", length, num, seed, depths,
+                              lambda rng: (code_needle_case(rng, held_out=True), filler.stream(rng)), filler.joins)
     return _make_examples(tokenizer, "needle", length, num, seed, depths,
                           lambda rng: (needle_case(rng, held_out=True), filler_sentences(rng)))
 
 
-def make_passkey_examples(tokenizer, length: int, num: int, seed: int = 0,
-                          depths: Sequence[float] = DEFAULT_DEPTHS) -> list[RetrievalExample]:
-    """Pass key retrieval (Mohtashami & Jaggi) with the corpus' filler prose as haystack."""
+def make_passkey_examples(tokenizer, length: int, num: int, seed: int = 0, depths: Sequence[float] = DEFAULT_DEPTHS,
+                          filler: Optional[TextFiller] = None) -> list[RetrievalExample]:
+    """Pass key retrieval (Mohtashami & Jaggi) with the corpus' filler prose (or `filler`'s text) as haystack."""
+    units = filler.stream if filler is not None else filler_sentences
     return _make_examples(tokenizer, "passkey", length, num, seed, depths,
-                          lambda rng: (passkey_case(rng, held_out=True), filler_sentences(rng)))
+                          lambda rng: (passkey_case(rng, held_out=True), units(rng)),
+                          filler.joins if filler is not None else SYNTHETIC_JOINS)
 
 
 def make_kv_examples(tokenizer, length: int, num: int, seed: int = 0,

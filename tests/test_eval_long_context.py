@@ -2,6 +2,7 @@
 (tools/bench_inference.py), on tiny random Qwen3 and HypeNet folders built here (no downloads)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,6 +83,26 @@ def test_eval_writes_table_json_and_heat_maps(folders, tmp_path, capsys):
     again = _run(folders, tmp_path / "b")  # deterministic: same examples, same scores
     assert json.loads((tmp_path / "b" / "results.json").read_text())["results"] == saved["results"]
     assert again["results"].keys() == report["results"].keys()
+
+
+def test_haystack_option_puts_needle_and_passkey_in_real_text(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_hypenet.retrieval import TextFiller
+
+    teacher, _, text = folders
+    report = eval_long_context.main(["--model", teacher, "--train-length", str(N), "--multipliers", "1",
+                                     "--tasks", "needle", "passkey", "kv", "--examples", "2", "--haystack", text,
+                                     "--ppl-windows", "0", "--device", "cpu", "--out", str(tmp_path)])
+    retrieval = report["results"]["teacher"]["retrieval"]
+    needles = [ex["needle"] for task in ("needle", "passkey", "kv") for ex in retrieval[task][N]["examples"]]
+    assert [re.fullmatch(r"[a-z]+_secret_number = \d{5}", n) is not None for n in needles[:2]] == [True, True]
+    assert all(n.startswith("The pass key is ") for n in needles[2:4])
+    assert all(n.startswith("key ") for n in needles[4:])  # kv keeps its own list
+    tok = AutoTokenizer.from_pretrained(teacher)
+    prompt = tok.decode(eval_long_context.make_examples(tok, "passkey", 8 * N, 1, 3, [0.5], TextFiller.from_jsonl(text))[0]
+                        .prompt_ids)
+    assert "the quiet river ran past the old mill again." in prompt and prompt.endswith("\n\nWhat is the pass key? The pass key is")
 
 
 def test_answer_only_scoring_matches_retrieval_accuracy(folders):

@@ -90,6 +90,11 @@ CASES = {
     # 5 blocks chained 2 at a time: the carry between scan groups, in both directions.
     "fp32-varlen-h0-chain-groups": (1, 75, 2, 16, 16, torch.float32, [0, 70, 75], True,
                                     dict(chunk_size=16, block_chunks=1, scan_chunk=16, chain_blocks=2, chain_elems=64)),
+    # dk and dv by one program carrying the whole state gradient (the fused_dkdv knob).
+    "fp32-varlen-h0-dk>dv-fused-dkdv": (1, 80, 2, 32, 16, torch.float32, [0, 5, 5, 41, 80], True,
+                                        dict(chunk_size=16, block_chunks=3, scan_chunk=16, fused_dkdv=True)),
+    "fp32-batch-h0-dk<dv-fused-dkdv": (2, 37, 2, 16, 32, torch.float32, None, True,
+                                       dict(chunk_size=16, block_chunks=2, scan_chunk=16, fused_dkdv=True)),
 }
 
 
@@ -122,6 +127,20 @@ def test_triton_chunk_fwd_bwd_matches_float64_reference(name):
     for name_, x, rx in zip("q k v h0".split(), leaves, ref_leaves):
         assert x.grad.dtype == x.dtype
         assert rel_err(x.grad, rx.grad) < tol, name_
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cu", [None, [0, 37, 37, 230]])
+def test_fused_dkdv_chunk64_matches_float64(cu, dtype):
+    """The fused_dkdv backward at the benchmark's chunk (64), through the benchmark's own variant
+    check: 2-4 blocks of 2 chunks, lengths not multiples of 64, an empty sequence, an initial
+    state and its gradient. fp32 is the sharp check (bf16 rounding of o alone is ~8e-3)."""
+    from tools.bench_kernels import check_variant
+
+    err = check_variant(dict(block_chunks=2, fused_dkdv=True), T=230, heads=2, cu_seqlens=cu, dim=32, device="cpu",
+                        dtype=dtype)
+    assert err < TOL[dtype]
 
 
 @interpreted

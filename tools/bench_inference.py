@@ -87,12 +87,24 @@ def build_models(shape: dict, pattern: str, device, dtype, seed: int = 0):
         ), dtype=dtype).eval()
         hypenet = HypeNetForCausalLM._from_config(
             HypeNetConfig(**common, rope_theta=ROPE_THETA, layer_pattern=pattern), dtype=dtype).eval()
-    as_hypenet = HypeNetConfig(**common, rope_theta=ROPE_THETA, attention_rope=True, attention_query_scale_base=None)
+    return {"hypenet": hypenet, "qwen3": qwen3_as_hypenet(qwen)}, qwen
+
+
+def qwen3_as_hypenet(qwen) -> HypeNetForCausalLM:
+    """An all-attention HypeNet module graph holding a `Qwen3ForCausalLM`'s weights (shared, not copied):
+    with RoPE in attention and no HyPE scale it is exactly that Qwen3."""
+    c = qwen.config
+    config = HypeNetConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, tie_word_embeddings=c.tie_word_embeddings,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters=c.rope_parameters, attention_rope=True, attention_query_scale_base=None)
     with torch.device("meta"):
-        qwen_graph = HypeNetForCausalLM(as_hypenet)
-    qwen_graph.load_state_dict(qwen.state_dict(), strict=True, assign=True)  # shares qwen's tensors
-    qwen_graph.tie_weights()
-    return {"hypenet": hypenet, "qwen3": qwen_graph.eval()}, qwen
+        graph = HypeNetForCausalLM(config)
+    graph.load_state_dict(qwen.state_dict(), strict=True, assign=True)
+    graph.tie_weights()
+    return graph.eval()
 
 
 # ---- static cache, chunked prefill, graph-capturable decode step ----------------------------------------

@@ -6,8 +6,9 @@ One run measures, on the current GPU: the ceilings (device-to-device copy bandwi
 rate), then at T = 4K, 16K, 64K, 128K (B=1, H=16, D=128, bf16) our forward and forward+backward
 (default config, plus one row pair per --variants config), torch SDPA causal attention on the
 flash backend, and fla's chunk_simple_gla / chunk_gla where they run; then the decode step at
-batch 1, 8, 64, 256. --sweep times the passes apart for a few configs (and --baseline, an older
-chunk.py, in the same process); --compile-report needs no GPU. Times are medians of
+batch 1, 8, 64, 256. --sweep times the passes apart for a few configs (its own list, or
+--sweep-variants; and --baseline, an older chunk.py, in the same process); --compile-report needs
+no GPU. Times are medians of
 triton.testing.do_bench on fresh random inputs. The floor of a row is
 max(FLOPs / matmul rate, minimum bytes / copy bandwidth); "x floor" is time over floor.
 """
@@ -137,19 +138,25 @@ def time_parts(T, cfg, mod=lchunk):
                 bwd=bwd), c
 
 
-def check_variant(cfg, fn=chunk_lightning_attention, T=4096 + 37, heads=4):
+def check_variant(cfg, fn=chunk_lightning_attention, T=4096 + 37, heads=4, cu_seqlens=None, dim=D, device="cuda",
+                  dtype=DT):
     """Largest relative error of o, final state and the four gradients against the float64
-    chunked reference, for a config the GPU tests do not run (ragged T, initial state)."""
+    chunked reference, for a config the GPU tests do not run (ragged T, initial state, and with
+    cu_seqlens, e.g. [0, 100, 100, T], packed sequences). On CPU it runs under TRITON_INTERPRET=1
+    (tests/test_kernels.py, small T and dim)."""
     from kernels.lightning.naive import lightning_attention_chunk_ref
 
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (torch.randn(1, T, heads, D, device="cuda", generator=g).to(DT).requires_grad_(True) for _ in range(3))
-    h0 = torch.randn(1, heads, D, D, device="cuda", generator=g).requires_grad_(True)
-    slopes = lightning_slopes(heads).cuda()
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, T, heads, dim, device=device, generator=g).to(dtype).requires_grad_(True)
+               for _ in range(3))
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, device=device)
+    n_seq = 1 if cu is None else len(cu) - 1
+    h0 = torch.randn(n_seq, heads, dim, dim, device=device, generator=g).requires_grad_(True)
+    slopes = lightning_slopes(heads).to(device)
     leaves = [q, k, v, h0]
     refs = [x.detach().double().requires_grad_(True) for x in leaves]
-    o, ht = fn(q, k, v, slopes, None, h0, True, **cfg)
-    ro, rht = lightning_attention_chunk_ref(*refs[:3], slopes.double(), None, refs[3], True)
+    o, ht = fn(q, k, v, slopes, None, h0, True, cu, **cfg)
+    ro, rht = lightning_attention_chunk_ref(*refs[:3], slopes.double(), None, refs[3], True, cu)
     do, dht = torch.randn_like(o), torch.randn_like(ht)
     torch.autograd.backward([o, ht], [do, dht])
     torch.autograd.backward([ro, rht], [do.double(), dht.double()])
@@ -261,7 +268,8 @@ def compile_report(overrides=None):
         "_bwd_kernel": (dict(q_ptr=bf, k_ptr=bf, v_ptr=bf, do_ptr=bf, dq_ptr=bf, dk_ptr=bf, dv_ptr=bf, s_ckpt_ptr=f32,
                              g_ckpt_ptr=f32, **common, scale="fp32"),
                         dict(H=H, DK=D, DV=D, NTK=D // c["value_tile"], BC=BC, R=R, BK=D, BV=D, BVK=c["value_tile"],
-                             BVV=c["value_tile"], PREC="tf32"), c["num_warps"], c["bwd_stages"]),
+                             BVV=c["value_tile"], FUSED_DKDV=bool(c["fused_dkdv"]), PREC="tf32"),
+                        c["bwd_warps"], c["bwd_stages"]),
     }
     print(f"sm_90, H={H}, D={D}, bf16, default config at T=65536: {c}")
     for name, (sig, consts, warps, stages) in kernels.items():
@@ -291,6 +299,8 @@ def main():
     ap.add_argument("--baseline", default=None, help="an earlier chunk.py to time beside this one in --sweep")
     ap.add_argument("--skip-table", action="store_true", help="only the sweep (with --sweep)")
     ap.add_argument("--only", default=None, help="comma-separated indices of the sweep runs to time")
+    ap.add_argument("--sweep-variants", default=None,
+                    help="JSON list of config overrides the sweep times after the default (instead of its own list)")
     ap.add_argument("--variants", default="[]",
                     help='JSON list of config overrides timed as extra table rows, e.g. \'[{"block_chunks": 16}]\'')
     ap.add_argument("--compile-report", nargs="?", const="{}", default=None, metavar="JSON",
@@ -370,6 +380,8 @@ def main():
             dict(block_chunks=16, scan_chunk=128, scan_tile=64, scan_warps=4),  # v5 as first measured
             dict(bwd_stages=3),
         ]
+        if args.sweep_variants is not None:
+            sweep_variants = [{}] + json.loads(args.sweep_variants)
         base = load_baseline(args.baseline) if args.baseline else None
         runs = []
         lens = [int(t) for t in args.sweep_lengths.split(",")]

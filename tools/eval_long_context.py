@@ -31,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from megatron_hypenet.retrieval import (  # noqa: E402
     DEFAULT_DEPTHS,
     RetrievalExample,
+    TextFiller,
     make_kv_examples,
     make_needle_examples,
     make_passkey_examples,
 )
 
 TASKS = {"needle": make_needle_examples, "passkey": make_passkey_examples, "kv": make_kv_examples}
+HAYSTACK_TASKS = ("needle", "passkey")  # the tasks whose haystack --haystack replaces (kv's is its key list)
 HELD_OUT_SEED = 1_000_003  # synthetic documents the demo never trains on (it uses small seeds)
 
 
@@ -75,17 +77,18 @@ def score_example(model, example: RetrievalExample, prefill_chunk: int) -> dict:
             "answer_ids": example.answer_ids}
 
 
-def make_examples(tokenizer, task: str, length: int, num: int, seed: int, depths) -> list:
-    return TASKS[task](tokenizer, length, num, seed=seed, depths=depths)
+def make_examples(tokenizer, task: str, length: int, num: int, seed: int, depths, filler=None) -> list:
+    extra = {"filler": filler} if filler is not None and task in HAYSTACK_TASKS else {}
+    return TASKS[task](tokenizer, length, num, seed=seed, depths=depths, **extra)
 
 
-def evaluate_retrieval(model, tokenizer, tasks, lengths, num, seed, depths, prefill_chunk) -> dict:
-    """{task: {length: {accuracy, by_depth, examples}}}."""
+def evaluate_retrieval(model, tokenizer, tasks, lengths, num, seed, depths, prefill_chunk, filler=None) -> dict:
+    """{task: {length: {accuracy, by_depth, examples}}}; `filler` (a TextFiller): real-text haystacks."""
     out = {}
     for task in tasks:
         out[task] = {}
         for length in lengths:
-            examples = make_examples(tokenizer, task, length, num, seed, depths)
+            examples = make_examples(tokenizer, task, length, num, seed, depths, filler)
             rows = [score_example(model, ex, prefill_chunk)
                     for ex in tqdm(examples, desc=f"{task}@{length}", unit="example", leave=False)]
             by_depth = defaultdict(list)
@@ -232,6 +235,10 @@ def parse_args(argv=None):
     p.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text", default=None, help="held-out text (.jsonl with 'text', or .txt); default: synthetic")
+    p.add_argument("--haystack", default=None, metavar="JSONL",
+                   help="needle/passkey haystacks from this text (.jsonl with 'text', e.g. the held-out split "
+                        "of tools/build_local_corpus.py; the needle becomes a Python assignment); "
+                        "default: synthetic prose")
     p.add_argument("--ppl-windows", type=int, default=4, help="windows of N x max(multipliers) tokens; 0: no ppl")
     p.add_argument("--prefill-chunk", type=int, default=None, help="HypeNet prefill chunk (default: --train-length)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -254,12 +261,13 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     lengths = [args.train_length * m for m in args.multipliers]
     buckets = bucket_bounds(args.train_length, args.multipliers)
+    filler = TextFiller.from_jsonl(args.haystack) if args.haystack else None
     results = {}
     for name, model_dir in zip(_names(args.model), args.model):
         model, tokenizer = load(model_dir, args.device, args.dtype)
         entry = {"model_dir": str(model_dir), "model_type": model.config.model_type,
                  "retrieval": evaluate_retrieval(model, tokenizer, args.tasks, lengths, args.examples, args.seed,
-                                                 args.depths, args.prefill_chunk)}
+                                                 args.depths, args.prefill_chunk, filler)}
         if args.ppl_windows > 0:
             texts = read_texts(args.text) if args.text else held_out_texts(
                 2 * lengths[-1] * args.ppl_windows, args.seed)

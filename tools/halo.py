@@ -1,6 +1,7 @@
 """Run a whole HALO recipe (teacher -> align -> select -> distill -> finetune -> HF export) in one command.
 
     python tools/halo.py --recipe examples/tiny.yaml [--work-dir runs/tiny]
+    python tools/halo.py --recipe examples/reproduce.yaml   # issue #7 on one H100 (examples/README.md)
     torchrun --nproc-per-node 8 tools/halo.py --recipe examples/qwen3_1p7b.yaml
 
 Re-running the same command continues where it stopped: finished stages are skipped and an
@@ -25,7 +26,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from megatron_hypenet.recipe import run_recipe
 
-    return run_recipe(args.recipe, args.work_dir)
+    command = " ".join(["python tools/halo.py", *(sys.argv[1:] if argv is None else argv)])
+    return run_recipe(args.recipe, args.work_dir, command=command)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,19 @@ QWEN_SPLIT_PATTERN = (
 
 def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, json_key: str = "text",
                     split_lines: bool = False, hf_dataset: Optional[str] = None, hf_split: str = "train",
-                    min_frequency: int = 2):
-    """Train on text/JSONL `files` (or `hf_dataset`), save to `out_dir`; returns the HF tokenizer."""
+                    min_frequency: int = 2, max_chars: Optional[int] = None):
+    """Train on text/JSONL `files` (or `hf_dataset`), save to `out_dir`; returns the HF tokenizer.
+
+    `max_chars` stops after the document that reaches that many characters: a few tens of MB fix the merges
+    of a small vocabulary, and training time grows with the text."""
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size <= len(alphabet) + 1:
         raise ValueError(f"vocab_size={vocab_size} must exceed the {len(alphabet)} bytes + {EOD_TOKEN}")
     documents, num_documents = open_documents(files, json_key, split_lines, hf_dataset, hf_split)
+    if max_chars is not None:
+        documents, num_documents = _first_chars(documents, max_chars), None
 
     tokenizer = Tokenizer(models.BPE())  # byte-level: every string is covered, no unknown token
     tokenizer.normalizer = normalizers.NFC()
@@ -62,16 +67,28 @@ def train_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, json_ke
     return hf_tokenizer
 
 
+def _first_chars(documents, max_chars: int):
+    total = 0
+    for text in documents:
+        if total >= max_chars:
+            return
+        total += len(text)
+        yield text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_document_source_args(parser)
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--max-chars", type=int, default=None,
+                        help="train on the first documents only, up to this many characters")
     parser.add_argument("--output-dir", required=True, metavar="DIR")
     args = parser.parse_args(argv)
     try:
         tokenizer = train_tokenizer(args.input or (), args.vocab_size, args.output_dir, args.json_key,
-                                    args.split_lines, args.hf_dataset, args.hf_split, args.min_frequency)
+                                    args.split_lines, args.hf_dataset, args.hf_split, args.min_frequency,
+                                    args.max_chars)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"error: {err}")
     print(f"saved a {len(tokenizer)}-token tokenizer to {args.output_dir}")

@@ -23,6 +23,11 @@ in reverse time, ``G_{t-1} = a G_t + scale q_t^T do_t``. So
      as neighbouring programs of one launch, so q, k, v, do of a block are read from HBM about
      once and served to the other two from L2. The role (pointers, strides, direction) is a
      run-time value, so one walk is compiled: forward-kernel-sized shared memory, 2 CTAs per SM.
+     With ``fused_dkdv`` (the default for 16-bit inputs, with ``bwd_warps=8``) two programs per block run
+     instead: a full-width dq walk and one walk computing dk and dv together from the whole G
+     (``_dkdv_walk_t``), so G is updated once and no score product is repeated per value tile.
+     Its [D, D] fp32 state needs 8 warps (1 CTA per SM) and, at D=128, 2-byte inputs (fp32
+     tiles exceed shared memory).
 
 The decay is a per-head constant a = exp(-slope), so every decay factor is ``a^e = exp2(-m2 e)``
 with e >= 0 computed from positions: nothing cumulative is loaded, and no factor can overflow.
@@ -225,6 +230,101 @@ def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
 
 
 @triton.jit
+def _chunk_out_t(st, qq, kk, vv, Wt, w_col, PREC: tl.constexpr):
+    """One chunk of a block walk, transposed: out^T = (st q'^T) * w_col + v'^T ((k' q'^T) * Wt),
+    i.e. out = w (q' state) + ((q' k'^T) * W) v' with st = state^T, Wt = W^T (scales folded in).
+
+    Triton puts all warps of a product that feeds another product on its rows; with 8 warps and
+    BC = 64 rows the second warp group repeats the first one's work. Transposed, the two
+    products with the state or the output have D = 128 rows, split between the warp groups;
+    only the small score product (BC x BC x D) is still done twice."""
+    s = (_dot(kk, tl.trans(qq), None, PREC) * Wt).to(vv.dtype)
+    out = _dot(st, tl.trans(qq), None, PREC) * w_col
+    return _dot(tl.trans(vv), s, out, PREC)
+
+
+@triton.jit
+def _dq_walk_t(do_ptr, v_ptr, k_ptr, dq_ptr, s_ptr, t_blk, eos, m2, scale,
+               stride_k: tl.constexpr, stride_v: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dq of one block of one head, all DK columns, carrying the whole forward state S [DK, DV]
+    forward in time (the ``fused_dkdv`` layout): the dq role of ``_block_walk`` with one value
+    tile, computed transposed (``_chunk_out_t``)."""
+    i = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    mk = o_k < DK
+    mv = o_v < DV
+    S = tl.load(s_ptr + o_k[:, None] * DV + o_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    diff = i[None, :] - i[:, None]  # the transpose of the causal a^(i-j)
+    Wt = tl.where(diff >= 0, _pow_a(m2, tl.maximum(diff, 0)), 0.0) * scale
+    for r in range(R):
+        t0 = t_blk + r * BC
+        n = tl.minimum(tl.maximum(eos - t0, 0), BC)
+        rows = t0 + i
+        rmask = i < n
+        k_mask = rmask[:, None] & mk[None, :]
+        v_mask = rmask[:, None] & mv[None, :]
+        dd = tl.load(do_ptr + rows[:, None] * stride_v + o_v[None, :], mask=v_mask, other=0.0)
+        vv = tl.load(v_ptr + rows[:, None] * stride_v + o_v[None, :], mask=v_mask, other=0.0)
+        kk = tl.load(k_ptr + rows[:, None] * stride_k + o_k[None, :], mask=k_mask, other=0.0)
+        w_col = (scale * _decay_weights(m2, i, n, 0, False))[None, :]
+        dqt = _chunk_out_t(S.to(dd.dtype), dd, vv, kk, Wt, w_col, PREC)
+        tl.store(dq_ptr + rows[None, :] * stride_k + o_k[:, None], dqt.to(dq_ptr.dtype.element_ty),
+                 mask=tl.trans(k_mask))
+        kw = (kk * _decay_weights(m2, i, n, 0, True)[:, None]).to(kk.dtype)
+        S = _dot(tl.trans(kw), vv, S * _pow_a(m2, n), PREC)
+
+
+@triton.jit
+def _dkdv_walk_t(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, g_ptr, t_blk, eos, m2, scale,
+                 stride_k: tl.constexpr, stride_v: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dk and dv of one block of one head in one program carrying the whole state gradient G
+    [DK, DV] backward in time (the ``fused_dkdv`` layout):
+        dv = scale (k q^T * W) do + a^e k G,   dk = scale (v do^T * W) q + a^e v G^T,
+        G <- a^n G + scale q^T (w do).
+    The dk and dv roles of ``_block_walk`` each update G and recompute their score matrix per
+    value tile; here G is updated once and each score matrix computed once per chunk (twice
+    on the hardware at 8 warps, ``_chunk_out_t``)."""
+    i = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    mk = o_k < DK
+    mv = o_v < DV
+    G = tl.load(g_ptr + o_k[:, None] * DV + o_v[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
+    gb = G.to(q_ptr.dtype.element_ty)
+    diff = i[:, None] - i[None, :]  # the transpose of the backward-in-time a^(j-i)
+    Wt = tl.where(diff >= 0, _pow_a(m2, tl.maximum(diff, 0)), 0.0) * scale
+    for r in range(R):
+        t0 = t_blk + (R - 1 - r) * BC
+        n = tl.minimum(tl.maximum(eos - t0, 0), BC)
+        rows = t0 + i
+        rmask = i < n
+        k_mask = rmask[:, None] & mk[None, :]
+        v_mask = rmask[:, None] & mv[None, :]
+        qq = tl.load(q_ptr + rows[:, None] * stride_k + o_k[None, :], mask=k_mask, other=0.0)
+        kk = tl.load(k_ptr + rows[:, None] * stride_k + o_k[None, :], mask=k_mask, other=0.0)
+        vv = tl.load(v_ptr + rows[:, None] * stride_v + o_v[None, :], mask=v_mask, other=0.0)
+        dd = tl.load(do_ptr + rows[:, None] * stride_v + o_v[None, :], mask=v_mask, other=0.0)
+        w_col = _decay_weights(m2, i, n, 1, False)[None, :]
+        # dv = walk(k, q, do, G), then dk = walk(v, do, q, G^T): one accumulator live at a time.
+        dvt = _chunk_out_t(tl.trans(gb), kk, qq, dd, Wt, w_col, PREC)
+        tl.store(dv_ptr + rows[None, :] * stride_v + o_v[:, None], dvt.to(dv_ptr.dtype.element_ty),
+                 mask=tl.trans(v_mask))
+        dkt = _chunk_out_t(gb, vv, dd, qq, Wt, w_col, PREC)
+        tl.store(dk_ptr + rows[None, :] * stride_k + o_k[:, None], dkt.to(dk_ptr.dtype.element_ty),
+                 mask=tl.trans(k_mask))
+        # The decay on q rather than do: q^T then feeds the tensor cores from registers, do from
+        # shared memory (the other way round spilled).
+        qw = (qq * (scale * _decay_weights(m2, i, n, 1, True))[:, None]).to(qq.dtype)
+        G = _dot(tl.trans(qw), dd, G * _pow_a(m2, n), PREC)
+        # G in bf16 carried from one chunk to the next: Triton then feeds G and G^T to the tensor
+        # cores from shared memory rather than a register copy per use (which spilled).
+        gb = G.to(qq.dtype)
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, ckpt_ptr, slopes_ptr, cu_ptr, btab_ptr, scale,
                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -243,9 +343,10 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr,
                 slopes_ptr, cu_ptr, btab_ptr, scale,
                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, NTK: tl.constexpr,
                 BC: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                BVK: tl.constexpr, BVV: tl.constexpr, PREC: tl.constexpr):
+                BVK: tl.constexpr, BVV: tl.constexpr, FUSED_DKDV: tl.constexpr, PREC: tl.constexpr):
     """Program axis 0 picks the role: NTK dq tiles, NTK dk tiles, then the dv tiles (BVK / BVV
-    wide). S is the forward state at the block start, G the state gradient at its end.
+    wide); with FUSED_DKDV, one full-width dq program, then one program for dk and dv together.
+    S is the forward state at the block start, G the state gradient at its end.
 
     The role only changes pointers, strides, scales and the direction, all chosen here at run
     time, so with DK == DV a single walk is compiled. (v4 compiled one walk per role: three
@@ -258,24 +359,32 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, s_ckpt_ptr,
     k_ptr += i_h * DK
     v_ptr += i_h * DV
     do_ptr += i_h * DV
-    if pid < NTK:  # dq = walk(do, v, k, S^T), forward in time
-        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off
-        ssk, ssv, tile, rev, inter, upd = 1, DV, pid, 0, scale, 1.0
-    elif pid < 2 * NTK:  # dk = walk(v, do, q, G^T), backward in time
-        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = v_ptr, do_ptr, q_ptr, dk_ptr + i_h * DK, g_ckpt_ptr + st_off
-        ssk, ssv, tile, rev, inter, upd = 1, DV, pid - NTK, 1, 1.0, scale
-    else:  # dv = walk(k, q, do, G), backward in time
-        a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = k_ptr, q_ptr, do_ptr, dv_ptr + i_h * DV, g_ckpt_ptr + st_off
-        ssk, ssv, tile, rev, inter, upd = DV, 1, pid - 2 * NTK, 1, 1.0, scale
-    if DK == DV:
-        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
-                    H * DK, H * DK, DK, DK, BC, R, BK, BVK, PREC)
-    elif pid < 2 * NTK:  # keys of width DV, values of width DK
-        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
-                    H * DV, H * DK, DV, DK, BC, R, BV, BVK, PREC)
-    else:  # keys of width DK, values of width DV
-        _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
-                    H * DK, H * DV, DK, DV, BC, R, BK, BVV, PREC)
+    if FUSED_DKDV:
+        if pid == 0:
+            _dq_walk_t(do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off, t_blk, eos, m2, scale,
+                       H * DK, H * DV, DK, DV, BC, R, BK, BV, PREC)
+        else:
+            _dkdv_walk_t(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr + i_h * DK, dv_ptr + i_h * DV, g_ckpt_ptr + st_off,
+                         t_blk, eos, m2, scale, H * DK, H * DV, DK, DV, BC, R, BK, BV, PREC)
+    else:
+        if pid < NTK:  # dq = walk(do, v, k, S^T), forward in time
+            a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = do_ptr, v_ptr, k_ptr, dq_ptr + i_h * DK, s_ckpt_ptr + st_off
+            ssk, ssv, tile, rev, inter, upd = 1, DV, pid, 0, scale, 1.0
+        elif pid < 2 * NTK:  # dk = walk(v, do, q, G^T), backward in time
+            a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = v_ptr, do_ptr, q_ptr, dk_ptr + i_h * DK, g_ckpt_ptr + st_off
+            ssk, ssv, tile, rev, inter, upd = 1, DV, pid - NTK, 1, 1.0, scale
+        else:  # dv = walk(k, q, do, G), backward in time
+            a_ptr, b_ptr, c_ptr, out_ptr, s_ptr = k_ptr, q_ptr, do_ptr, dv_ptr + i_h * DV, g_ckpt_ptr + st_off
+            ssk, ssv, tile, rev, inter, upd = DV, 1, pid - 2 * NTK, 1, 1.0, scale
+        if DK == DV:
+            _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                        H * DK, H * DK, DK, DK, BC, R, BK, BVK, PREC)
+        elif pid < 2 * NTK:  # keys of width DV, values of width DK
+            _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                        H * DV, H * DK, DV, DK, BC, R, BV, BVK, PREC)
+        else:  # keys of width DK, values of width DV
+            _block_walk(a_ptr, b_ptr, c_ptr, out_ptr, s_ptr, ssk, ssv, t_blk, eos, tile, m2, scale, inter, upd, rev,
+                        H * DK, H * DV, DK, DV, BC, R, BK, BVV, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,19 +444,24 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _default_config(n_tokens, H, device):
+def _default_config(n_tokens, H, device, dtype=torch.bfloat16):
     """Chunk 64; the block (checkpoint interval) as long as still gives ~2 blocks per SM and head
     set: each block costs a fixed overhead in the state passes and writes a checkpoint, while
     short sequences need short blocks for parallelism. Measured on an H100 at T=64K (the sweep in
     docs/kernel_notes.md): blocks of 2048 tokens beat 1024 by ~4% fwd+bwd; scan tiles of 128x128
-    with 8 warps and 64-row steps beat 64x64 tiles by ~8% in the block-state pass."""
+    with 8 warps and 64-row steps beat 64x64 tiles by ~8% in the block-state pass. ``num_warps``
+    / ``num_stages`` are the forward kernel's, ``bwd_warps`` / ``bwd_stages`` the backward's.
+    16-bit inputs take the fused dk+dv backward with 8 warps and 3 stages (H100, T=64K, same
+    process: fwd+bwd 1.988 vs 2.111 ms); fp32 operands would not fit its shared memory."""
+    fused = dtype.itemsize == 2
     bc = 64
     r = 32
     while r > 4 and (n_tokens // (bc * r)) * H < 2 * _num_sms(device):
         r //= 2
     return dict(chunk_size=bc, block_chunks=r, scan_chunk=64, scan_tile=128, value_tile=64,
-                num_warps=4, num_stages=2, bwd_stages=2, scan_warps=8, scan_stages=2,
-                chain_blocks=64, chain_elems=4096)
+                num_warps=4, num_stages=2, bwd_warps=8 if fused else 4, bwd_stages=3 if fused else 2,
+                fused_dkdv=fused, scan_warps=8,
+                scan_stages=2, chain_blocks=64, chain_elems=4096)
 
 
 def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
@@ -417,10 +531,12 @@ def _backward(q, k, v, do, dht, slopes, scale, s_ckpt, plan, cfg, want_dh0):
         bvk = min(_pow2(DK), cfg["value_tile"])
         bvv = min(_pow2(DV), cfg["value_tile"])
         ntk = triton.cdiv(DK, bvk)
-        _bwd_kernel[(2 * ntk + triton.cdiv(DV, bvv), plan.n_blocks, H)](
+        fused = bool(cfg["fused_dkdv"])
+        n_roles = 2 if fused else 2 * ntk + triton.cdiv(DV, bvv)
+        _bwd_kernel[(n_roles, plan.n_blocks, H)](
             q, k, v, do, dq, dk, dv, s_ckpt, g_ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV, ntk,
             BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=_pow2(DV), BVK=bvk, BVV=bvv,
-            PREC=_prec(q), num_warps=cfg["num_warps"], num_stages=cfg["bwd_stages"],
+            FUSED_DKDV=fused, PREC=_prec(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
         )
     return dq, dk, dv, dh0
 
@@ -472,7 +588,7 @@ def chunk_lightning_attention(q, k, v, slopes, scale=None, initial_state=None, o
     if initial_state is not None and initial_state.shape != (n_seq, H, DK, DV):
         raise ValueError(f"initial_state must be [{n_seq}, {H}, {DK}, {DV}]; got {tuple(initial_state.shape)}")
     scale = DK**-0.5 if scale is None else float(scale)
-    cfg = _default_config(B * T, H, q.device)
+    cfg = _default_config(B * T, H, q.device, q.dtype)
     unknown = set(config) - set(cfg)
     if unknown:
         raise TypeError(f"unknown config keys {sorted(unknown)}")

@@ -1,10 +1,11 @@
 """HALO weight initialisation and composition, on each rank's local TP shards (no communication).
 
-- `init_student_from_teacher`: every Lightning mixer of the student starts from its teacher attention
-  layer (q/k/v/o and q/k-norm; K/V repeated to one head per query head); all other weights are
-  copied; gates keep their random init, output norms start at 1, short convs at the identity.
+- `init_student_from_teacher`: every RNN mixer (Lightning or Gated DeltaNet) of the student starts from its
+  teacher attention layer (q/k/v/o and q/k-norm; K/V repeated to one head per query head); all other
+  weights are copied; gates keep their random init, output norms start at 1, short convs at the identity,
+  Gated DeltaNet's decay and beta parameters at their construction init (layers.GatedDeltaNet).
 - `load_hybrid`: a student of any layer pattern built from two checkpoints: the teacher's (attention
-  layers, MLPs, norms, embeddings) and the aligned all-Lightning model's (Lightning mixers).
+  layers, MLPs, norms, embeddings) and the aligned all-RNN model's (its RNN mixers).
 """
 
 import re
@@ -13,8 +14,8 @@ import torch
 from megatron.core import dist_checkpointing
 
 from .. import checkpoint
-from ..config import LIGHTNING, read_model_description
-from ..layers import LightningAttention
+from ..config import ATTENTION, MIXER_NAMES, read_model_description
+from ..layers import RNNMixer
 from ..qwen3_mapping import attention_to_lightning_qkv
 
 MIXER_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attention\.")
@@ -29,12 +30,12 @@ def init_student_from_teacher(student, teacher) -> None:
         for name, module in s_layer.named_children():
             if name != "self_attention":
                 module.load_state_dict(getattr(t_layer, name).state_dict())
-        if not isinstance(s_mix, LightningAttention):
+        if not isinstance(s_mix, RNNMixer):
             s_mix.load_state_dict(t_mix.state_dict())
             continue
         if s_mix.local_heads != t_mix.local_heads or s_mix.head_dim != t_mix.head_dim:
             raise ValueError(
-                "initialising Lightning from attention needs lightning_num_heads == num_attention_heads and "
+                "initialising an RNN mixer from attention needs lightning_num_heads == num_attention_heads and "
                 f"lightning_head_dim == kv_channels; got {s_mix.local_heads} vs {t_mix.local_heads} local heads, "
                 f"head dim {s_mix.head_dim} vs {t_mix.head_dim}"
             )
@@ -53,17 +54,14 @@ def init_student_from_teacher(student, teacher) -> None:
 
 def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> None:
     """Fills `model` (layer pattern `pattern`; a module or a list of pipeline chunks) from the teacher and
-    the aligned all-Lightning checkpoint."""
+    the aligned all-RNN checkpoint, whose mixer must be of the same kind at every RNN layer of `pattern`."""
     teacher_path, rnn_path = checkpoint.resolve(teacher_root), checkpoint.resolve(rnn_root)
-    rnn_desc = read_model_description(rnn_path)
-    for i, mixer in enumerate(pattern):
-        if mixer == LIGHTNING and rnn_desc["layer_pattern"][i] != LIGHTNING:
-            raise checkpoint.CheckpointError(f"{rnn_path} has no Lightning mixer for layer {i}; use the align stage's output")
+    check_rnn_mixers(pattern, read_model_description(rnn_path)["layer_pattern"], rnn_path)
     sd = checkpoint.model_sharded_state_dict(model)
 
     def from_rnn(key):
         m = MIXER_KEY.match(key)
-        return m is not None and pattern[int(m.group(1))] == LIGHTNING
+        return m is not None and pattern[int(m.group(1))] != ATTENTION
 
     loaded = {}
     for path, keep in ((teacher_path, lambda k: not from_rnn(k)), (rnn_path, from_rnn)):
@@ -73,13 +71,28 @@ def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> None:
     checkpoint.load_model_state(model, loaded)
 
 
+def check_rnn_mixers(pattern: str, rnn_pattern: str, rnn_path: str) -> None:
+    """Every RNN layer of `pattern` must find a mixer of its kind at that layer of the align checkpoint."""
+    if len(rnn_pattern) != len(pattern):
+        raise checkpoint.CheckpointError(f"the align checkpoint {rnn_path} has {len(rnn_pattern)} layers ("
+                                         f"{rnn_pattern!r}); the requested layer pattern {pattern!r} has {len(pattern)}")
+    wrong = [i for i, m in enumerate(pattern) if m != ATTENTION and rnn_pattern[i] != m]
+    if wrong:
+        i = wrong[0]
+        raise checkpoint.CheckpointError(
+            f"the requested layer pattern {pattern!r} needs a {MIXER_NAMES[pattern[i]]} ('{pattern[i]}') mixer at "
+            f"layer {i}, but the align checkpoint {rnn_path} has layer pattern {rnn_pattern!r} "
+            f"({MIXER_NAMES[rnn_pattern[i]]} there); align with the matching --rnn-mixer, or pass a --layer-pattern / "
+            f"--rnn-mixer that uses the checkpoint's mixers")
+
+
 def freeze_all_but_mixers(model) -> list:
-    """Stage 1 trains only the Lightning mixers; returns the trainable parameters."""
+    """Stage 1 trains only the RNN mixers; returns the trainable parameters."""
     params = []
     for layer in model.decoder.layers:
         for p in layer.parameters():
             p.requires_grad_(False)
-        if isinstance(layer.self_attention, LightningAttention):
+        if isinstance(layer.self_attention, RNNMixer):
             for p in layer.self_attention.parameters():
                 p.requires_grad_(True)
                 params.append(p)

@@ -1,6 +1,7 @@
 """HALO attention-layer selection.
 
-For each layer i, the teacher with only layer i swapped for its aligned Lightning mixer is scored on
+For each layer i, the teacher with only layer i swapped for its aligned RNN mixer (the --rnn-mixer kind,
+Lightning or Gated DeltaNet) is scored on
 recall (built-in retrieval tasks at several lengths) and on a general-LM proxy (minus the held-out LM
 loss, so "higher is better" like a benchmark score). Then
 
@@ -9,6 +10,7 @@ loss, so "higher is better" like a benchmark score). Then
 and the `k` most important layers stay softmax attention.
 """
 
+import functools
 import json
 import logging
 import os
@@ -17,11 +19,12 @@ from typing import List, Sequence
 import torch
 
 from .. import checkpoint, parallel
-from ..config import ATTENTION, LIGHTNING, read_model_description
+from ..config import ATTENTION, LIGHTNING, RNN_MIXERS, read_model_description
 from ..convert import find_tokenizer
 from ..data import build_gpt_datasets, load_tokenizer, make_dataloader
 from ..losses import full_logits
-from ..retrieval import lm_loss, make_kv_examples, make_needle_examples, retrieval_accuracy
+from ..retrieval import (TextFiller, lm_loss, make_kv_examples, make_needle_examples, make_passkey_examples,
+                         retrieval_accuracy)
 from .init import load_hybrid
 from .stages import build_from_description, forward_hidden
 
@@ -46,8 +49,8 @@ def choose_attention_layers(importance: Sequence[float], k: int, general: Sequen
     return sorted(order[:k])
 
 
-def pattern_with_attention(num_layers: int, attention_layers: Sequence[int]) -> str:
-    return "".join(ATTENTION if i in attention_layers else LIGHTNING for i in range(num_layers))
+def pattern_with_attention(num_layers: int, attention_layers: Sequence[int], rnn: str = LIGHTNING) -> str:
+    return "".join(ATTENTION if i in attention_layers else rnn for i in range(num_layers))
 
 
 def default_num_attention_layers(num_layers: int) -> int:
@@ -64,9 +67,15 @@ def run_select(args) -> dict:
     rnn_desc = read_model_description(checkpoint.resolve(rnn_root))
     n = rnn_desc["num_layers"]
     k = args.num_attention_layers or default_num_attention_layers(n)
+    rnn = RNN_MIXERS[args.rnn_mixer]
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoint.resolve(teacher_root)))
     lengths = args.select_lengths or [args.seq_length // 2, args.seq_length]
-    examples = [ex for length in lengths for make in (make_needle_examples, make_kv_examples)
+    if args.select_haystack:  # in-distribution haystacks for a teacher trained on real text
+        filler = TextFiller.from_jsonl(args.select_haystack)
+        makers = [functools.partial(make, filler=filler) for make in (make_needle_examples, make_passkey_examples)]
+    else:
+        makers = [make_needle_examples, make_kv_examples]
+    examples = [ex for length in lengths for make in makers
                 for ex in make(tokenizer, length, args.select_examples, seed=args.seed)]
     if not args.data_path:
         raise ValueError("--stage select needs --data-path for the general-LM score (held-out loss)")
@@ -89,14 +98,14 @@ def run_select(args) -> dict:
     teacher_recall, teacher_general = score(ATTENTION * n)
     rows = []
     for i in range(n):
-        recall, general = score(ATTENTION * i + LIGHTNING + ATTENTION * (n - i - 1))
+        recall, general = score(pattern_with_attention(n, [j for j in range(n) if j != i], rnn))
         rows.append({"layer": i, "recall": recall, "general": general})
         log.info("layer %d swapped: recall %.3f, general %.4f", i, recall, general)
     importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows])
     for row, imp in zip(rows, importance):
         row["importance"] = imp
     chosen = choose_attention_layers(importance, k, [r["general"] for r in rows])
-    pattern = pattern_with_attention(n, chosen)
+    pattern = pattern_with_attention(n, chosen, rnn)
     result = {"layer_pattern": pattern, "attention_layers": chosen, "teacher_recall": teacher_recall,
               "teacher_general": teacher_general, "lengths": lengths, "layers": rows}
     if args.save and parallel.is_rank0():

@@ -1,7 +1,8 @@
 """The HALO stages as (models to build, how to initialise them, the loss of one batch).
 
     pretrain  CE on the teacher itself (how the embedded demo makes its tiny teacher)
-    align     stage 1: every attention mixer gets a Lightning twin trained to reproduce its output
+    align     stage 1: every attention mixer gets an RNN twin (--rnn-mixer: Lightning or Gated DeltaNet)
+              trained to reproduce its output
     distill   stage 2: the hybrid (selected pattern, HyPE) against the frozen teacher, forward KL
     finetune  stage 3: the hybrid alone, CE at a longer sequence length
 (select, between align and distill, trains nothing: see select.py.)
@@ -22,7 +23,7 @@ from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_regi
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from .. import checkpoint
-from ..config import ATTENTION, LIGHTNING, config_from_description, model_description, read_model_description
+from ..config import ATTENTION, RNN_MIXERS, config_from_description, model_description, read_model_description
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
 from ..pipeline import PipelineChunk, stage_output
@@ -182,7 +183,7 @@ def build_stage(args) -> StageModels:
     teacher, t_desc = _load_teacher(args)
     n_layers = t_desc["num_layers"]
     if stage == "align":
-        student, desc = build_chunks(t_desc, args, **student_fields(args, LIGHTNING * n_layers))
+        student, desc = build_chunks(t_desc, args, **student_fields(args, align_pattern(args, n_layers)))
         trainable = [p for s in student for p in freeze_all_but_mixers(s)]
 
         def init():
@@ -200,7 +201,7 @@ def build_stage(args) -> StageModels:
 
         def init():
             if not args.load:
-                raise ValueError("--stage distill needs --load <align checkpoint> to take the Lightning mixers from")
+                raise ValueError("--stage distill needs --load <align checkpoint> to take the RNN mixers from")
             load_desc = read_model_description(checkpoint.resolve(args.load))
             if load_desc["layer_pattern"] == pattern:
                 checkpoint.load_checkpoint(args.load, student, desc, load_state=False)
@@ -209,6 +210,16 @@ def build_stage(args) -> StageModels:
 
         return _stage(student, desc, teacher, _params(student), init, _distill_step(args), stacked=2)
     raise ValueError(f"stage {stage!r} does not train; see halo/select.py")
+
+
+def align_pattern(args, num_layers: int) -> str:
+    """The align stage's all-RNN student: --layer-pattern if given (e.g. mixing 'L' and 'D'), else the
+    --rnn-mixer letter at every layer."""
+    pattern = args.layer_pattern or RNN_MIXERS[args.rnn_mixer] * num_layers
+    if ATTENTION in pattern:
+        raise ValueError(f"--stage align trains an RNN twin of every attention layer: --layer-pattern {pattern!r} "
+                         f"must not contain 'A' (leave it out to use --rnn-mixer {args.rnn_mixer} everywhere)")
+    return pattern
 
 
 def _draw_gates(model, seed: int) -> None:
@@ -227,7 +238,7 @@ def _draw_gates(model, seed: int) -> None:
 
 
 def _align_step(chunk, batch):
-    """Stage 1: each Lightning mixer sees the teacher's (detached) normed input of its layer and is
+    """Stage 1: each RNN mixer sees the teacher's (detached) normed input of its layer and is
     trained to reproduce the teacher mixer's output; loss = mean over layers of ||y_t - y_s|| / sqrt(d).
     Only the teacher's residual stream goes to the next stage; each stage's layer terms are local."""
     teacher, student = chunk.teacher, chunk.student

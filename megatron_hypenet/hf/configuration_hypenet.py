@@ -5,20 +5,23 @@ This file is copied verbatim into every exported folder, so it imports nothing b
 
 from transformers import PretrainedConfig
 
-ATTENTION, LIGHTNING = "A", "L"
+ATTENTION, LIGHTNING, GATED_DELTA = "A", "L", "D"
+RNN_MIXERS = (LIGHTNING, GATED_DELTA)
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
 
 
 class HypeNetConfig(PretrainedConfig):
-    r"""A Qwen3 decoder whose per-layer token mixer is softmax attention ("A") or Lightning Attention ("L").
+    r"""A Qwen3 decoder whose per-layer token mixer is softmax attention ("A"), Lightning Attention ("L") or
+    Gated DeltaNet ("D").
 
     The Qwen3 fields keep their Qwen3 names and meaning. The HypeNet fields are those of the Megatron
     `HypeNetConfig` (same names, same defaults):
 
-        layer_pattern (`str`, defaults to all "A"): one character per layer, "A" or "L".
+        layer_pattern (`str`, defaults to all "A"): one character per layer, "A", "L" or "D".
         attention_rope (`bool`, defaults to `False`): RoPE in attention layers (the teacher uses it).
         attention_query_scale_base (`float` or `None`, defaults to 256.0): HyPE query scale base `a`;
             queries at position i are scaled by log(i + a) / log(a). `None` disables it.
+        The lightning_* fields configure both RNN mixers ("L" and "D").
         lightning_rope (`bool`, defaults to `True`): RoPE in Lightning layers.
         lightning_num_heads / lightning_head_dim (`int`, default to the attention heads / head_dim).
         lightning_qk_norm, lightning_output_gate, lightning_output_norm (`bool`, default to `True`).
@@ -115,17 +118,18 @@ class HypeNetConfig(PretrainedConfig):
         n = self.num_hidden_layers
         if not isinstance(self.layer_pattern, str):
             raise TypeError(
-                f"layer_pattern must be a string of 'A'/'L' characters, got {type(self.layer_pattern).__name__}"
+                f"layer_pattern must be a string of 'A'/'L'/'D' characters, got {type(self.layer_pattern).__name__}"
             )
         if len(self.layer_pattern) != n:
             raise ValueError(
                 f"layer_pattern {self.layer_pattern!r} has {len(self.layer_pattern)} characters but "
                 f"num_hidden_layers={n}: "
-                "give one character ('A' softmax attention or 'L' Lightning Attention) per layer"
+                "give one character ('A' softmax attention, 'L' Lightning Attention or 'D' Gated DeltaNet) per layer"
             )
-        bad = sorted(set(self.layer_pattern) - {ATTENTION, LIGHTNING})
+        bad = sorted(set(self.layer_pattern) - {ATTENTION, *RNN_MIXERS})
         if bad:
-            raise ValueError(f"layer_pattern may only contain 'A' and 'L'; found {bad} in {self.layer_pattern!r}")
+            raise ValueError(f"layer_pattern may only contain 'A' and 'L'/'D' (attention, Lightning, Gated DeltaNet); "
+                             f"found {bad} in {self.layer_pattern!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"HypeNet uses Qwen3's SwiGLU MLP: hidden_act must be 'silu', got {self.hidden_act!r}")
         _divide(self.num_attention_heads, self.num_key_value_heads, "num_attention_heads", "num_key_value_heads")
@@ -135,7 +139,7 @@ class HypeNetConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.attention_rope and ATTENTION in self.layer_pattern and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.lightning_rope and LIGHTNING in self.layer_pattern and self.lightning_head_dim % 2:
+        if self.lightning_rope and set(RNN_MIXERS) & set(self.layer_pattern) and self.lightning_head_dim % 2:
             raise ValueError(f"RoPE needs an even lightning_head_dim, got {self.lightning_head_dim}")
         if self.lightning_scale not in LIGHTNING_SCALES:
             raise ValueError(f"lightning_scale must be one of {LIGHTNING_SCALES}, got {self.lightning_scale!r}")

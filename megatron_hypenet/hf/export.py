@@ -1,8 +1,8 @@
 """Hugging Face folders: write one from a stream of tensors, read one back a tensor at a time.
 
-A HypeNet folder carries its own code (configuration_hypenet.py, modeling_hypenet.py and the Lightning
-reference as lightning_naive.py), so `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`
-needs nothing from this repository. A Qwen3 (teacher) folder is a plain transformers folder.
+A HypeNet folder carries its own code (configuration_hypenet.py, modeling_hypenet.py, the Lightning
+reference as lightning_naive.py and the Gated DeltaNet op as gated_delta_chunk.py), so
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` needs nothing from this repository. A Qwen3 (teacher) folder is a plain transformers folder.
 """
 
 import copy
@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+import kernels.gated_delta.chunk as gated_delta_chunk
 import kernels.lightning.naive as lightning_naive
 
 from .configuration_hypenet import HypeNetConfig
@@ -34,6 +35,7 @@ CODE_FILES = {
     "configuration_hypenet.py": _HERE / "configuration_hypenet.py",
     "modeling_hypenet.py": _HERE / "modeling_hypenet.py",
     "lightning_naive.py": Path(lightning_naive.__file__).resolve(),
+    "gated_delta_chunk.py": Path(gated_delta_chunk.__file__).resolve(),
 }
 AUTO_MAP = {
     "AutoConfig": "configuration_hypenet.HypeNetConfig",

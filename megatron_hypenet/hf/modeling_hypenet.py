@@ -1,10 +1,11 @@
-"""HypeNet for Hugging Face transformers: a Qwen3 decoder whose token mixers are softmax attention ("A")
-or Lightning Attention ("L") layers.
+"""HypeNet for Hugging Face transformers: a Qwen3 decoder whose token mixers are softmax attention ("A"),
+Lightning Attention ("L") or Gated DeltaNet ("D") layers.
 
 The math, the config fields, the weight names and the decoding cache follow megatron-hypenet's
 docs/architecture.md, like the Megatron training model. This file is copied verbatim into every exported
-folder, beside configuration_hypenet.py and lightning_naive.py (the PyTorch reference of the Lightning op),
-and loads with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
+folder, beside configuration_hypenet.py, lightning_naive.py (the PyTorch reference of the Lightning op) and
+gated_delta_chunk.py (the PyTorch Gated DeltaNet op), and loads with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`.
 """
 
 import math
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_hypenet import ATTENTION, LIGHTNING, HypeNetConfig
+from .configuration_hypenet import ATTENTION, GATED_DELTA, RNN_MIXERS, HypeNetConfig
 
 try:  # an exported folder carries the reference beside this file
     from .lightning_naive import lightning_attention_chunk_ref, lightning_attention_step_ref, lightning_slopes
@@ -31,6 +32,16 @@ try:  # megatron-hypenet's fused kernels where installed: same math, Triton on G
     from kernels import lightning_attention, lightning_attention_step
 except ImportError:
     lightning_attention, lightning_attention_step = lightning_attention_chunk_ref, lightning_attention_step_ref
+
+try:  # an exported folder carries the Gated DeltaNet op beside this file
+    from .gated_delta_chunk import chunk_gated_delta_rule, gated_delta_rule_step
+except ImportError:  # imported from the megatron_hypenet package
+    from kernels.gated_delta.chunk import chunk_gated_delta_rule, gated_delta_rule_step
+
+try:  # megatron-hypenet's entry point where installed (the same op; faster kernels plug in there)
+    from kernels import gated_delta_rule
+except ImportError:
+    gated_delta_rule = chunk_gated_delta_rule
 
 
 # ---- shared pieces -----------------------------------------------------------------------------------
@@ -100,9 +111,9 @@ def query_scale(position_ids: torch.Tensor, base: float) -> torch.Tensor:
 
 
 class HypeNetLightningCacheLayer:
-    """A Lightning layer's decoding state, whose size does not grow with the context: the fp32 recurrent
-    state ``[B, H, D, D]`` and, with short conv, the last ``K - 1`` conv inputs ``[B, K - 1, H * D]`` of
-    q, k and v (the left context the next token's causal conv window needs)."""
+    """An RNN layer's (Lightning or Gated DeltaNet) decoding state, whose size does not grow with the context:
+    the fp32 recurrent state ``[B, H, D, D]`` and, with short conv, the last ``K - 1`` conv inputs
+    ``[B, K - 1, H * D]`` of q, k and v (the left context the next token's causal conv window needs)."""
 
     is_compileable = False
     is_croppable = False
@@ -150,8 +161,8 @@ class HypeNetLightningCacheLayer:
 
 class HypeNetCache(Cache):
     """Decoding cache of a HypeNet: K/V (after norm and RoPE) for attention layers, a constant-size
-    `HypeNetLightningCacheLayer` for Lightning layers. It counts the tokens it has seen itself, since a
-    model may have no attention layer to measure them by."""
+    `HypeNetLightningCacheLayer` for RNN (Lightning, Gated DeltaNet) layers. It counts the tokens it has seen
+    itself, since a model may have no attention layer to measure them by."""
 
     def __init__(self, config: HypeNetConfig):
         super().__init__(
@@ -323,18 +334,48 @@ class HypeNetLightningAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         q, k, v = self.project(hidden_states, position_embeddings, token_mask, cache)
-        slopes = _slopes(H, hidden_states.device)
         state = cache.recurrent_state if cache is not None else None
-        if T == 1 and state is not None:
-            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slopes, state, scale=self.scale)
-            o = o[:, None]
-        else:
-            o, state = lightning_attention(
-                q, k, v, slopes, scale=self.scale, initial_state=state, output_final_state=cache is not None
-            )
+        o, state = self.recurrence(q, k, v, hidden_states, token_mask, state, cache is not None)
         if cache is not None:
             cache.recurrent_state = state
         return self.output(o.reshape(B, T, H * D), hidden_states)
+
+    def recurrence(self, q, k, v, hidden_states, token_mask, state, want_state):
+        """(o ``[B, T, H, D]``, final state): one decode step when a state is carried and T == 1."""
+        slopes = _slopes(self.num_heads, q.device)
+        if q.shape[1] == 1 and state is not None:
+            o, state = lightning_attention_step(q[:, 0], k[:, 0], v[:, 0], slopes, state, scale=self.scale)
+            return o[:, None], state
+        return lightning_attention(q, k, v, slopes, scale=self.scale, initial_state=state,
+                                   output_final_state=want_state)
+
+
+class HypeNetGatedDeltaNet(HypeNetLightningAttention):
+    """Gated DeltaNet: the Lightning layer's projections, convs, norms and gate around the gated delta rule
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T (q, k L2-normalised in the op), with a per-token
+    decay g_t = log a_t = -exp(A_log) softplus(a_proj(x_t) + dt_bias) and b_t = sigmoid(b_proj(x_t))."""
+
+    def __init__(self, config: HypeNetConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.a_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+
+    def decay_and_beta(self, hidden_states, token_mask=None):
+        """g, beta ``[B, T, H]`` in fp32; padded tokens get g = 0, so they leave the state as it is."""
+        a = self.a_proj(hidden_states).float()
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
+        if token_mask is not None:
+            g = g * token_mask[:, :, None].to(g.dtype)
+        return g, torch.sigmoid(self.b_proj(hidden_states).float())
+
+    def recurrence(self, q, k, v, hidden_states, token_mask, state, want_state):
+        g, beta = self.decay_and_beta(hidden_states, token_mask)
+        if q.shape[1] == 1 and state is not None:
+            o, state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, scale=self.scale)
+            return o[:, None], state
+        return gated_delta_rule(q, k, v, g, beta, scale=self.scale, initial_state=state, output_final_state=want_state)
 
 
 # ---- model -------------------------------------------------------------------------------------------
@@ -347,6 +388,8 @@ class HypeNetDecoderLayer(GradientCheckpointingLayer):
         # Attention layers keep Qwen3's module name, so a Qwen3 state dict loads into an all-"A" model.
         if self.is_attention:
             self.self_attn = HypeNetAttention(config, layer_idx)
+        elif config.layer_pattern[layer_idx] == GATED_DELTA:
+            self.linear_attn = HypeNetGatedDeltaNet(config, layer_idx)
         else:
             self.linear_attn = HypeNetLightningAttention(config, layer_idx)
         self.mlp = HypeNetMLP(config)
@@ -390,6 +433,10 @@ class HypeNetPreTrainedModel(PreTrainedModel):
         if isinstance(module, HypeNetShortConv) and not getattr(module.weight, "_is_hf_initialized", False):
             module.weight.zero_()
             module.weight[..., -1] = 1.0
+        # Gated DeltaNet as converted models start: Lightning's decay exp(-slope_h) (softplus(dt_bias) = 1)
+        if isinstance(module, HypeNetGatedDeltaNet) and not getattr(module.A_log, "_is_hf_initialized", False):
+            module.A_log.copy_(lightning_slopes(module.num_heads).log())
+            module.dt_bias.fill_(math.log(math.e - 1))
 
 
 def _causal_mask(mask: Optional[torch.Tensor], q_len: int, past: int, device):
@@ -422,7 +469,7 @@ class HypeNetModel(HypeNetPreTrainedModel):
         rope_dims = set()
         if config.attention_rope and ATTENTION in config.layer_pattern:
             rope_dims.add(config.head_dim)
-        if config.lightning_rope and LIGHTNING in config.layer_pattern:
+        if config.lightning_rope and set(RNN_MIXERS) & set(config.layer_pattern):
             rope_dims.add(config.lightning_head_dim)
         self._rope_dims = sorted(rope_dims)
         self.post_init()

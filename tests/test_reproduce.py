@@ -1,0 +1,341 @@
+"""Issue #7's reproduction recipe: the local corpus, real-text haystacks, examples/reproduce_smoke.yaml end to
+end (teacher, HALO, ablations, evaluation, report, results page and plots), and a dry check of the GPU-size
+examples/reproduce.yaml (teacher size and HALO token budget, computed without running it)."""
+
+import copy
+import json
+import os
+import random
+import re
+import struct
+import zlib
+
+import pytest
+import torch
+import yaml
+
+from helpers import ROOT
+from megatron_hypenet.recipe import (
+    HALO_STAGES,
+    STUDENT,
+    TEACHER,
+    ablation_pattern,
+    decode_speed,
+    even_pattern,
+    halo_budget,
+    run_recipe,
+)
+from tools.build_local_corpus import build_local_corpus, candidate_files, is_heldout
+from tools.write_results import PLOTS, targets, write_results
+
+SMOKE = os.path.join(ROOT, "examples", "reproduce_smoke.yaml")
+GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
+
+
+def load(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def planned_tokens(recipe: dict, stage: str, dp: int = 1) -> int:
+    """iterations x global batch x sequence length, from a recipe's flags alone."""
+    options = {**recipe["common"], **recipe["stages"][stage]}
+    batch = options.get("global_batch_size") or options["micro_batch_size"] * dp
+    return options["train_iters"] * batch * options["seq_length"]
+
+
+# ---- the corpus ----------------------------------------------------------------------------------------
+
+
+def test_local_corpus_filters_splits_by_file_and_is_deterministic(tmp_path):
+    root = tmp_path / "pkgs"
+    (root / "pkg" / "__pycache__").mkdir(parents=True)
+    good = {f"pkg/mod{i}.py": f"def f{i}(x):\n    return x + {i}\n" * 20 for i in range(40)}
+    good["pkg/README.md"] = "# Title\n\nSome documentation text.\n" * 10
+    for rel, text in good.items():
+        (root / rel).write_text(text)
+    (root / "pkg" / "copy.py").write_text(good["pkg/mod0.py"])  # an exact duplicate
+    (root / "pkg" / "binary.txt").write_bytes(b"abc\0def" * 50)
+    (root / "pkg" / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (root / "pkg" / "minified.py").write_text("x=1;" * 400)  # one 1600-character line
+    (root / "pkg" / "tiny.py").write_text("x = 1\n")  # under 100 bytes
+    (root / "pkg" / "data.json").write_text("{}" * 100)  # not a text suffix
+    (root / "pkg" / "__pycache__" / "cached.py").write_text("y = 2\n" * 50)
+
+    def build(name, **kwargs):
+        out, held = tmp_path / f"{name}.jsonl", tmp_path / f"{name}_heldout.jsonl"
+        stats = build_local_corpus(str(out), str(held), roots=[("pkgs", str(root))], workers=2, **kwargs)
+        read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+        return stats, read(out), read(held), out.read_bytes() + held.read_bytes()
+
+    stats, train, held, raw = build("a", max_bytes=10**9, heldout_fraction=0.2)
+    sources = {r["source"] for r in train + held}
+    twins = {"pkgs/pkg/mod0.py", "pkgs/pkg/copy.py"}
+    assert len(sources & twins) == 1  # whichever of the two copies comes first in hash order
+    assert sources - twins == {f"pkgs/{rel}" for rel in good} - twins
+    assert stats["duplicates"] == 1 and stats["skipped"] == 3  # binary, latin-1, minified
+    assert stats["reached_max_bytes"] is False
+    assert all(r["text"] == good.get(r["source"][5:], good["pkg/mod0.py"]) for r in train + held)
+    assert {r["source"] for r in held} == {s for s in sources if is_heldout(s, 0.2)}
+    assert held and train and not {r["source"] for r in held} & {r["source"] for r in train}
+    assert (stats["train_files"], stats["heldout_files"]) == (len(train), len(held))
+    assert build("b", max_bytes=10**9, heldout_fraction=0.2)[3] == raw  # same files -> same bytes
+    # the cap keeps the first files of the same (hash) order
+    stats_c, train_c, held_c, _ = build("c", max_bytes=8000, heldout_fraction=0.5)
+    order = [source for source, _ in candidate_files([("pkgs", str(root))], 10**6) if source in sources]
+    kept = {r["source"] for r in train_c + held_c}
+    assert kept == set(order[:len(kept)]) and 1 < len(kept) < len(order)
+    assert stats_c["train_bytes"] + stats_c["heldout_bytes"] >= 8000 and stats_c["reached_max_bytes"]
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        build("d", heldout_fraction=1.5)
+
+
+def test_tokenizer_max_chars_stops_after_the_document_reaching_it():
+    from tools.train_tokenizer import _first_chars
+
+    assert list(_first_chars(iter(["abc", "de", "fgh", "ij"]), 5)) == ["abc", "de"]
+    assert list(_first_chars(iter(["abc", "de", "fgh"]), 4)) == ["abc", "de"]
+
+
+# ---- the smoke recipe end to end -----------------------------------------------------------------------
+
+
+BROKEN = {"kind": "selection", "reuse_align": True, "layer_pattern": "AL"}  # a pattern of the wrong length
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """examples/reproduce_smoke.yaml plus one ablation that fails: the report must go on without it."""
+    root = tmp_path_factory.mktemp("reproduce")
+    recipe = load(SMOKE)
+    recipe["ablations"]["broken"] = BROKEN
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    report = run_recipe(str(root / "recipe.yaml"), str(root / "run"))
+    del recipe["ablations"]["broken"]
+    return root / "run", report, recipe
+
+
+def test_real_text_haystacks(smoke):
+    from transformers import AutoTokenizer
+
+    from megatron_hypenet.retrieval import TextFiller, make_needle_examples, make_passkey_examples
+
+    work, _, _ = smoke
+    heldout = work / "corpus" / "heldout.jsonl"
+    tok = AutoTokenizer.from_pretrained(str(work / "hf_teacher"))
+    filler = TextFiller.from_jsonl(str(heldout))
+    text = "\n".join(json.loads(line)["text"] for line in heldout.read_text().splitlines())
+    assert all(unit in text for unit in filler.units[:50])
+    needles = make_needle_examples(tok, 600, 5, seed=3, filler=filler)
+    assert needles == make_needle_examples(tok, 600, 5, seed=3, filler=filler)  # deterministic
+    for ex in needles:
+        prompt = tok.decode(ex.prompt_ids)
+        needle = ex.meta["needle"]
+        name, number = re.fullmatch(r"(\w+_secret_number) = (\d{5})", needle).groups()
+        assert 300 < len(ex.prompt_ids) <= 600
+        assert prompt.endswith(f"\n\n{name} =")
+        assert prompt.startswith(needle + "\n\n") if ex.meta["depth"] == 0 else f"\n\n{needle}\n\n" in prompt
+        assert tok.decode(ex.answer_ids) == f" {number}"
+    assert [ex.meta["depth"] for ex in needles] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    passkey = make_passkey_examples(tok, 300, 2, seed=3, filler=filler)[1]
+    assert tok.decode(passkey.prompt_ids).endswith("\n\nWhat is the pass key? The pass key is")
+    # the synthetic default is unchanged: prose needles
+    assert make_needle_examples(tok, 200, 1)[0].meta["needle"].startswith("The secret number of ")
+
+
+def test_report_has_every_model_length_and_task(smoke):
+    work, report, recipe = smoke
+    saved = json.loads((work / "results" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    names = [TEACHER, STUDENT, *recipe["ablations"]]
+    assert list(report["models"]) == names
+    ev = recipe["eval"]
+    cols = {"valid_loss"} | {f"{t}@{m}x" for t in ev["tasks"] for m in ev["needle_multipliers"]}
+    for row in report["models"].values():
+        assert set(row) == cols
+        assert 0 < row["valid_loss"] < 10
+        assert all(row[c] in {i / ev["needle_examples"] for i in range(ev["needle_examples"] + 1)} for c in cols - {"valid_loss"})
+    assert report["haystack"] == "held-out files of the local corpus"
+    assert report["loss_tokens"] == ev["loss_samples"] * recipe["common"]["seq_length"]
+    if torch.cuda.is_available():
+        assert report["decode"][STUDENT]["status"] == "ok"
+    else:
+        assert report["decode"] == {"skipped": "no CUDA device", "length": 128 * 2}
+    corpus = report["corpus"]
+    assert corpus["train_bytes"] + corpus["heldout_bytes"] >= recipe["data"]["local_corpus"]["max_bytes"]
+    assert corpus["train_tokens"] > 0 and corpus["heldout_files"] > 0
+    assert report["command"] == f"python tools/halo.py --recipe {work.parent / 'recipe.yaml'} --work-dir {work}"
+    stages = [c for c in report["commands"] if c.startswith("python pretrain_hypenet.py --stage ")]
+    assert len(stages) == 5 + 2 * len(recipe["ablations"]) + 1  # + nope_everywhere's own align
+    select = next(c for c in stages if c.startswith("python pretrain_hypenet.py --stage select "))
+    assert f"--select-haystack {work / 'corpus' / 'heldout.jsonl'}" in select
+    tools = [c.split()[1] for c in report["commands"] if c.startswith("python tools/")]
+    assert tools == ["tools/build_local_corpus.py", "tools/train_tokenizer.py", "tools/preprocess_data.py",
+                     "tools/convert_hf_to_mcore.py"] + ["tools/convert_mcore_to_hf.py"] * (2 + len(recipe["ablations"]))
+    assert f"--max-bytes {recipe['data']['local_corpus']['max_bytes']}" in report["commands"][0]
+    assert "--max-chars 1000000" in report["commands"][1]
+
+
+def test_ablations_train_what_they_declare(smoke):
+    work, report, recipe = smoke
+    ck = work / "checkpoints"
+    main = report["layer_pattern"]
+    assert main.count("A") == recipe["stages"]["select"]["num_attention_layers"]
+    hf = lambda name: json.loads((work / name / "config.json").read_text())  # noqa: E731
+    student = hf("hf_student")
+    assert (student["attention_rope"], student["attention_query_scale_base"], student["lightning_rope"]) == (False, 256.0, True)
+    rope = hf("hf_rope_everywhere")
+    assert (rope["attention_rope"], rope["attention_query_scale_base"], rope["lightning_rope"]) == (True, None, True)
+    nope = hf("hf_nope_everywhere")
+    assert (nope["attention_rope"], nope["attention_query_scale_base"], nope["lightning_rope"]) == (False, 256.0, False)
+    assert hf("hf_even_spacing")["layer_pattern"] == even_pattern(len(main), main.count("A")) == "LLLA"
+    assert [hf(f"hf_{n}")["layer_pattern"] for n in ("rope_everywhere", "nope_everywhere")] == [main, main]
+    ablations = report["ablations"]
+    assert ablations["broken"] == {"kind": "selection", "options": {},
+                                   "error": "ValueError: layer_pattern 'AL': give 'selected', 'even', or 4 letters A/L"}
+    assert ablations["even_spacing"]["same_attention_layers_as_main"] == (main == "LLLA")
+    assert ablations["rope_everywhere"]["same_attention_layers_as_main"] is True
+    # reuse_align: no align of their own; nope_everywhere aligned its own RNN layers (no RoPE)
+    assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
+    assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
+    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True]
+    assert not (work / "hf_broken").exists()
+    assert yaml.safe_load((ck / "nope_everywhere" / "align" / "config.yaml").read_text())["no_lightning_rope"] is True
+    assert "--load " + str(ck / "align") in next(c for c in report["commands"] if "rope_everywhere/distill" in c)
+
+
+def test_token_budget_arithmetic(smoke):
+    _, report, recipe = smoke
+    tokens = report["tokens"]
+    for stage in ("pretrain", *HALO_STAGES):
+        assert tokens[stage] == planned_tokens(recipe, stage)
+    for name in recipe["ablations"]:
+        assert tokens[f"{name}/distill"] == planned_tokens(recipe, "distill")
+        assert tokens[f"{name}/finetune"] == planned_tokens(recipe, "finetune")
+    halo = sum(planned_tokens(recipe, s) for s in HALO_STAGES)
+    budget = report["halo_budget"]
+    assert budget["halo_tokens"] == halo and budget["teacher_tokens"] == planned_tokens(recipe, "pretrain")
+    assert budget["percent_of_teacher"] == pytest.approx(100 * halo / planned_tokens(recipe, "pretrain"))
+    assert len(report["loss_curves"]["pretrain"]) == recipe["stages"]["pretrain"]["train_iters"]
+
+
+def _png_size(path) -> tuple:
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert zlib.crc32(data[12:29]) == struct.unpack(">I", data[29:33])[0]  # the header chunk is intact
+    return struct.unpack(">II", data[16:24])
+
+
+def test_results_page_plots_and_targets(smoke, tmp_path):
+    work, report, recipe = smoke
+    # what the recipe left for the trip back from a GPU machine: one flat folder, few small plain files
+    files = sorted(os.listdir(work / "results"))
+    assert files == sorted(["report.json", *PLOTS.values()])
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and os.path.getsize(work / "results" / f) < 16 * 2**20 for f in files)
+    page = tmp_path / "docs" / "results.md"
+    written = write_results(report, str(page))
+    assert written == [str(page), *(str(tmp_path / "docs" / "results" / p) for p in PLOTS.values())]
+    for png in written[1:]:
+        width, height = _png_size(png)
+        assert width > 300 and height > 200
+    text = page.read_text()
+    for name in PLOTS.values():
+        assert f"](results/{name})" in text
+    assert report["device"] in text and report["command"] in text and all(c in text for c in report["commands"])
+    for name, row in report["models"].items():
+        assert f"| {name} | {row['valid_loss']:.4f} |" in text
+    assert f"**{report['halo_budget']['percent_of_teacher']:.2f}%**" in text
+    assert "| broken | selection | - | failed: ValueError: layer_pattern 'AL'" in text
+    assert (work / "results.md").read_text() == text  # the recipe wrote the same page
+
+
+def test_targets_follow_the_numbers(smoke):
+    _, report, _ = smoke
+    r = copy.deepcopy(report)
+    r["multipliers"] = [1, 2, 4, 8]
+    for row in r["models"].values():
+        for task in r["tasks"]:
+            for m in (4, 8):
+                row[f"{task}@{m}x"] = 0.5
+    teacher, student = r["models"][TEACHER], r["models"][STUDENT]
+    teacher["valid_loss"], student["valid_loss"] = 2.0, 2.0 * 1.049
+    for task in r["tasks"]:
+        for m in (4, 8):
+            student[f"{task}@{m}x"] = 0.7
+    teacher["needle@4x"] = 0.4
+    assert [t["met"] for t in targets(r)] == [True, True, True]
+    student["valid_loss"] = 2.0 * 1.051
+    teacher["needle@4x"] = student["needle@4x"]  # equal is not above
+    r["models"]["nope_everywhere"]["passkey@8x"] = 0.95  # mean 0.725 > HyPE's 0.7 at 8x
+    assert [t["met"] for t in targets(r)] == [False, False, False]
+    del r["ablations"]["nope_everywhere"]
+    assert targets(r)[2]["met"] is None  # one position ablation cannot be "both"
+
+
+def test_decode_speed_wiring_on_cpu(smoke):
+    """The GPU-only decode timing, run on CPU in fp32: both exports go through the benchmark's decode path
+    and agree with their HF forward (the timings themselves mean nothing here)."""
+    work, _, _ = smoke
+    out = decode_speed({TEACHER: str(work / "hf_teacher"), STUDENT: str(work / "hf_student")}, 200, 64, device="cpu")
+    for name in (TEACHER, STUDENT):
+        assert out[name]["status"] == "ok" and out[name]["decode_ms"] > 0
+        assert out[name]["logits_check"] < 1e-4
+
+
+# ---- the GPU recipe, checked without running it ---------------------------------------------------------
+
+
+def test_gpu_recipe_sizes_and_budget():
+    from transformers import Qwen3ForCausalLM
+
+    from megatron_hypenet.tiny import tiny_qwen3_config
+
+    recipe = load(GPU)
+    spec = {k: v for k, v in recipe["make_tiny_teacher"].items() if not k.startswith("tokenizer_")}
+    config = tiny_qwen3_config(vocab_size=recipe["make_tiny_teacher"]["tokenizer_vocab_size"], **spec)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Qwen3ForCausalLM(config).parameters())
+    assert 50e6 <= params <= 150e6, params  # issue #7: a ~50-150M teacher
+    assert 1024 <= recipe["common"]["seq_length"] <= 2048 and recipe["common"]["bf16"]
+    tokens = {stage: planned_tokens(recipe, stage) for stage in ("pretrain", *HALO_STAGES)}
+    budget = halo_budget(tokens)
+    assert budget["percent_of_teacher"] <= 2.0, budget  # issue #7: at most 2% of the teacher's tokens
+    assert budget["halo_tokens"] == 647_168 and tokens["pretrain"] == 32_768_000  # the arithmetic in the yaml
+    ev = recipe["eval"]
+    assert ev["needle_multipliers"] == [1, 2, 4, 8] and ev["needle_examples"] >= 50
+    assert set(ev["tasks"]) == {"needle", "passkey"}
+    # the four ablations, with the patterns they will get for a selected 12-layer pattern
+    selected = "LLLALLLLLLAL"
+    patterns = {name: ablation_pattern(spec, selected) for name, spec in recipe["ablations"].items()}
+    assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected,
+                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD"}
+    assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
+
+
+def test_gpu_recipe_flags_parse():
+    """Every stage's flags (with each ablation's options) are pretrain_hypenet.py flags."""
+    from megatron_hypenet.arguments import build_parser, parse_args
+    from megatron_hypenet.recipe import to_flags
+
+    recipe = load(GPU)
+    known = {a.dest for a in build_parser()._actions}
+    variants = [{}] + [a.get("options") or {} for a in recipe["ablations"].values()]
+    assert {k for v in variants for k in v} <= known
+    for stage, flags in recipe["stages"].items():
+        for extra in variants:
+            options = {**recipe["common"], **flags, **extra, "data_path": "d", "teacher": "t", "load": "l"}
+            args = parse_args(["--stage", stage, *to_flags(options)])
+            assert args.seq_length == options["seq_length"] and args.bf16
+
+
+def test_ablation_pattern_errors():
+    with pytest.raises(ValueError, match="give 'selected', 'even'"):
+        ablation_pattern({"layer_pattern": "AL"}, "LLLA")
+    with pytest.raises(ValueError, match="rnn_mixer 'mamba'"):
+        ablation_pattern({"options": {"rnn_mixer": "mamba"}}, "LLLA")
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(2, 40)
+        k = rng.randint(1, n)
+        pattern = even_pattern(n, k)
+        assert len(pattern) == n and pattern.count("A") == k and pattern[-1] == "A"

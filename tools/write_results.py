@@ -1,0 +1,273 @@
+"""The reproduction results page (markdown and PNG plots) from a recipe's report.json.
+
+    python tools/write_results.py runs/reproduce/results/report.json --out docs/results.md
+
+Writes `--out` and, in the folder `results/` beside it, `loss_curves.png` (each stage's training loss,
+every run) and `accuracy_vs_length.png` (retrieval accuracy by prompt length, every model); the page
+links them as `results/<name>.png`. Every number on the page, the targets' met / not met included, is
+computed from the report. `python tools/halo.py --recipe examples/reproduce.yaml` writes the same page
+into its work folder (`results.md` beside `results/`).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from megatron_hypenet.recipe import STUDENT, TEACHER  # noqa: E402
+
+PLOTS = {"loss": "loss_curves.png", "accuracy": "accuracy_vs_length.png"}
+LOSS_TOLERANCE = 0.05  # issue #7: HypeNet held-out loss within 5% of the teacher's
+STAGE_PANELS = ("pretrain", "align", "distill", "finetune")
+
+
+def retrieval_score(row: dict, tasks, multiplier: int) -> float:
+    """Mean exact-match accuracy over the retrieval tasks at one prompt length."""
+    return sum(row[f"{task}@{multiplier}x"] for task in tasks) / len(tasks)
+
+
+def targets(report: dict) -> list:
+    """Issue #7's targets, each {target, value, met}; met is None where the report lacks what it needs."""
+    models, tasks, mults = report["models"], report["tasks"], report["multipliers"]
+    teacher, student = models[TEACHER], models[STUDENT]
+    out = []
+    ratio = student["valid_loss"] / teacher["valid_loss"]
+    out.append({"target": f"HypeNet held-out loss within {LOSS_TOLERANCE:.0%} of the teacher's",
+                "value": f"{student['valid_loss']:.4f} vs {teacher['valid_loss']:.4f} ({ratio - 1:+.2%})",
+                "met": ratio <= 1 + LOSS_TOLERANCE})
+    key = "needle@4x"
+    if key in student:
+        out.append({"target": "needle accuracy at 4x the training length above the teacher's",
+                    "value": f"{student[key]:.2f} vs {teacher[key]:.2f}", "met": student[key] > teacher[key]})
+    else:
+        out.append({"target": "needle accuracy at 4x the training length above the teacher's",
+                    "value": "needle@4x not evaluated", "met": None})
+    position = [name for name, a in report.get("ablations", {}).items() if a.get("kind") == "position"]
+    lengths = [m for m in (4, 8) if m in mults]
+    target = (f"HyPE better than both position-encoding ablations at 4x and 8x (mean of {', '.join(tasks)} "
+              f"accuracy)")
+    failed = [name for name in position if name not in models]
+    if failed:
+        out.append({"target": target, "value": f"{', '.join(failed)} failed", "met": None})
+    elif len(position) < 2 or len(lengths) < 2:
+        out.append({"target": target, "value": "ablations or lengths not evaluated", "met": None})
+    else:
+        cells, met = [], True
+        for m in lengths:
+            main = retrieval_score(student, tasks, m)
+            others = {name: retrieval_score(models[name], tasks, m) for name in position}
+            met &= all(main > v for v in others.values())
+            cells.append(f"{m}x: HyPE {main:.2f} vs " + ", ".join(f"{n} {v:.2f}" for n, v in others.items()))
+        out.append({"target": target, "value": "; ".join(cells), "met": met})
+    return out
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(report: dict, path: str) -> None:
+    """One panel per training stage; in each, the main run and every ablation that ran that stage."""
+    plt = _plt()
+    curves = report.get("loss_curves", {})
+    panels = [s for s in STAGE_PANELS if any(k.split("/")[-1] == s for k in curves)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, stage in zip(axes[0], panels):
+        for key, points in curves.items():
+            if key.split("/")[-1] != stage or not points:
+                continue
+            run = key.split("/")[0] if "/" in key else ("teacher" if stage == "pretrain" else "HypeNet (main)")
+            x, y = zip(*points)
+            ax.plot(x, y, label=run, linewidth=1.8 if "/" not in key else 1.0)
+        ax.set_title({"pretrain": "teacher pretraining (CE)", "align": "align (hidden-state distance)",
+                      "distill": "distill (KL to teacher)", "finetune": "finetune (CE)"}[stage])
+        ax.set_xlabel("iteration")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_accuracy(report: dict, path: str) -> None:
+    """One panel per retrieval task: accuracy against prompt length (in training lengths), every model."""
+    plt = _plt()
+    tasks, mults = report["tasks"], report["multipliers"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for name, row in report["models"].items():
+            main = name in (TEACHER, STUDENT)
+            ax.plot(mults, [row[f"{task}@{m}x"] for m in mults], marker="o", label=name,
+                    linewidth=2.0 if main else 1.0, linestyle="-" if main else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(mults, [f"{m}x" for m in mults])
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(f"prompt length (x {report['train_length']} training tokens)")
+        ax.set_ylabel("exact-match accuracy")
+        ax.set_title(f"{task} ({report['needle_examples']} prompts per length)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _met(value: Optional[bool]) -> str:
+    return "not evaluated" if value is None else ("**met**" if value else "**not met**")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown(report: dict, plots_link: str = "results") -> str:
+    models, tasks, mults = report["models"], report["tasks"], report["multipliers"]
+    n = report["train_length"]
+    lines = [f"# Results: {report['name']}", "",
+             f"- device: {report['device']}", f"- date: {report['date']}",
+             f"- command: `{report['command']}` ({report['minutes']:.1f} min wall, everything below included)",
+             f"- training length N = {n} tokens; student layer pattern `{report['layer_pattern']}` ("
+             f"{'chosen by HALO selection' if report.get('selection') else 'fixed by the recipe, no selection'}; "
+             f"A = softmax attention)",
+             f"- evaluation: {report['eval_dtype']} on {report['eval_device']}; held-out loss over "
+             f"{report['loss_tokens']:,} tokens; retrieval haystacks: {report['haystack']}"]
+    corpus = report.get("corpus")
+    if corpus:
+        lines.append(f"- corpus: {corpus['train_files']:,} training files ({corpus['train_bytes'] / 1e6:.1f} MB, "
+                     f"{corpus['train_tokens']:,} tokens) and {corpus['heldout_files']:,} held-out files "
+                     f"({corpus['heldout_bytes'] / 1e6:.1f} MB) of the Python sources and docs installed on the device "
+                     f"({', '.join(corpus['roots'])})")
+    params = report.get("parameters", {})
+    if TEACHER in params:
+        lines.append(f"- parameters: teacher {params[TEACHER] / 1e6:.1f}M, HypeNet {params[STUDENT] / 1e6:.1f}M")
+
+    lines += ["", "## Targets (issue #7)", "", "| target | measured | |", "| --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['value']} | {_met(t['met'])} |" for t in targets(report)]
+
+    cols = [f"{task}@{m}x" for task in tasks for m in mults]
+    lines += ["", "## Held-out loss and retrieval accuracy", "",
+              f"task@Mx: exact-match accuracy (greedy decoding reproduces the whole answer) over "
+              f"{report['needle_examples']} prompts of at most M x {n} tokens.", "",
+              "| model | held-out loss | " + " | ".join(cols) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+    for name, row in models.items():
+        lines.append(f"| {name} | {row['valid_loss']:.4f} | " + " | ".join(f"{row[c]:.2f}" for c in cols) + " |")
+
+    ablations = report.get("ablations", {})
+    if ablations:
+        main = models[STUDENT]
+        lines += ["", "## Ablations (difference to the main HypeNet)", "",
+                  "| variant | kind | stage options | layer pattern | own align | d loss | " +
+                  " | ".join(f"d {c}" for c in cols) + " |",
+                  "| --- | --- | --- | --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+        for name, a in ablations.items():
+            opts = ", ".join(f"{k}={v}" for k, v in a["options"].items()) or "-"
+            if "error" in a:
+                lines.append(f"| {name} | {a.get('kind') or '-'} | {opts} | failed: {a['error'][:200]} |")
+                continue
+            row = models[name]
+            same = " (attention layers = main)" if a.get("same_attention_layers_as_main") else ""
+            pattern = a["layer_pattern"] + same
+            own_align = "no" if a["reused_align"] else "yes"
+            lines.append(f"| {name} | {a.get('kind') or '-'} | {opts} | `{pattern}` | {own_align} | "
+                         f"{row['valid_loss'] - main['valid_loss']:+.4f} | " +
+                         " | ".join(f"{row[c] - main[c]:+.2f}" for c in cols) + " |")
+
+    decode = report.get("decode", {})
+    lines += ["", f"## Time per output token at {decode.get('length', '?')} tokens of context", ""]
+    if "skipped" in decode or "error" in decode:
+        lines.append(f"Not measured: {decode.get('skipped') or decode['error']}.")
+    else:
+        t, s = decode[TEACHER], decode[STUDENT]
+        lines += [f"tools/bench_inference.py's harness on the exported models (bf16, prefill in chunks of "
+                  f"{decode['prefill_chunk']}, one decode step captured in a CUDA graph, "
+                  f"compile={decode['compile']}).", "",
+                  "| model | decode ms/token | prefill tok/s | peak GiB | logits check (rel. L2) |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name, m in ((TEACHER, t), (STUDENT, s)):
+            lines.append(f"| {name} | {_fmt(m.get('decode_ms'), '.3f')} | {_fmt(m.get('prefill_tok_s'), ',.0f')} | "
+                         f"{_fmt(m.get('peak_gib'), '.2f')} | {_fmt(m.get('logits_check'), '.1e')} |")
+        if t.get("decode_ms") and s.get("decode_ms"):
+            lines += ["", f"HypeNet decodes {t['decode_ms'] / s['decode_ms']:.2f}x as fast as the teacher here."]
+
+    tokens, budget = report["tokens"], report["halo_budget"]
+    lines += ["", "## Training tokens per stage", "",
+              "tokens = iterations x global batch x sequence length (consumed samples x sequence length).", "",
+              "| stage | iterations | tokens | % of the teacher's | tokens/s |", "| --- | ---: | ---: | ---: | ---: |"]
+    teacher_tokens = budget.get("teacher_tokens")
+    for key, count in tokens.items():
+        curve = report.get("loss_curves", {}).get(key) or [[0]]
+        share = f"{100 * count / teacher_tokens:.2f}" if teacher_tokens else "-"
+        speed = _fmt(report["tokens_per_s"].get(key), ",.0f")
+        lines.append(f"| {key} | {curve[-1][0]} | {count:,} | {share} | {speed} |")
+    if budget.get("percent_of_teacher") is not None:
+        percent = budget["percent_of_teacher"]
+        lines += ["", f"HALO budget of the main run (align + distill + finetune): {budget['halo_tokens']:,} tokens = "
+                      f"**{percent:.2f}%** of the teacher's {teacher_tokens:,} (issue #7: at most 2%; "
+                      f"{'within' if percent <= 2 else 'over'}). Each ablation is a separate experiment with its own "
+                      f"rows above."]
+
+    lines += ["", "## Plots", "", f"![loss curves per stage]({plots_link}/{PLOTS['loss']})", "",
+              f"![accuracy vs length]({plots_link}/{PLOTS['accuracy']})", "",
+              "## How it is measured", "",
+              "- Held-out loss: mean next-token cross-entropy over windows of N + 1 tokens cut from the held-out "
+              "files (joined by end-of-text), files no model or tokenizer trained on.",
+              "- Needle: a Python assignment `<name>_secret_number = <5 digits>` is inserted as one more block among "
+              "consecutive blank-line-separated blocks of held-out text (code and docs); the prompt ends with "
+              "`<name>_secret_number =` and the answer is the number. A code model answers it by copying, as it copies "
+              "identifiers and constants. Pass key: the prose line `The pass key is <5 digits>. Remember it. "
+              "<5 digits> is the pass key.` in the same kind of haystack, asked by "
+              "`What is the pass key? The pass key is`.",
+              "- The needle sits at depths 0, 0.25, 0.5, 0.75, 1 in turn; prompt i uses the same haystack start and "
+              "answer at every length; answers are values the synthetic corpus reserves for evaluation.",
+              "- Scoring is teacher-forced exact match: correct iff the argmax at every answer position is the answer "
+              "token (what greedy decoding would produce).",
+              "- The position target compares the mean of the task accuracies at 4x and 8x with the variants of "
+              "kind `position`; every other ablation is reported, not a target."]
+
+    lines += ["", "## Commands", "", "The whole run:", "", "```", report["command"], "```", "",
+              "<details><summary>every step it ran, as command lines (stages: the flags of pretrain_hypenet.py)"
+              "</summary>", "", "```"]
+    lines += report.get("commands", [])
+    lines += ["```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def write_results(report: dict, out_md: str, plots_dir: str = "results") -> list:
+    """Writes `out_md` and its plots into `<folder of out_md>/<plots_dir>/`; returns the paths written."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(out_md)), plots_dir)
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, PLOTS["loss"]), os.path.join(folder, PLOTS["accuracy"])]
+    plot_loss_curves(report, paths[0])
+    plot_accuracy(report, paths[1])
+    with open(out_md, "w") as f:
+        f.write(markdown(report, plots_dir))
+    return [out_md, *paths]
+
+
+def main(argv=None) -> list:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("report", help="report.json written by a recipe (<work>/results/report.json)")
+    p.add_argument("--out", required=True, help="the markdown page")
+    p.add_argument("--plots-dir", default="results", help="folder for the plots, relative to the page's folder")
+    args = p.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    written = write_results(report, args.out, args.plots_dir)
+    print("wrote " + ", ".join(written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
