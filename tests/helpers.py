@@ -101,3 +101,31 @@ def metrics(save) -> list:
     import json
 
     return [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+
+
+def build_from_desc(desc: dict, **overrides):
+    """A one-process megatron model for a model description (config overrides on top)."""
+    from megatron_hypenet import parallel
+    from megatron_hypenet.config import config_from_description
+    from megatron_hypenet.model import build_model
+
+    parallel.initialize(1, 1)
+    return build_model(config_from_description(desc, **overrides), desc["vocab_size"], desc["tie_word_embeddings"])
+
+
+def load_model(root):
+    """(model in eval mode, description) of the latest checkpoint in `root`."""
+    from megatron_hypenet import checkpoint
+    from megatron_hypenet.config import read_model_description
+
+    desc = read_model_description(checkpoint.resolve(root))
+    model = build_from_desc(desc)
+    checkpoint.load_checkpoint(root, model, desc, load_state=False)
+    return model.eval(), desc
+
+
+def model_logits(model, x):
+    from megatron_hypenet.halo.stages import forward_hidden
+    from megatron_hypenet.losses import full_logits
+
+    return full_logits(model, forward_hidden(model, x))

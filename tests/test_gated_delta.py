@@ -7,16 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import make_distill_work, perturb_norms, worker
+from helpers import build_from_desc as _build, load_model as _load, model_logits as _logits, make_distill_work, perturb_norms, worker
 from kernels import gated_delta_rule, gated_delta_rule_step, lightning_slopes
 from kernels.gated_delta import gated_delta_rule_recurrent_ref
 from megatron_hypenet import checkpoint, parallel
-from megatron_hypenet.config import config_from_description, make_config, model_description, read_model_description
+from megatron_hypenet.config import make_config, model_description, read_model_description
 from megatron_hypenet.convert import hf_to_mcore, mcore_to_hf
 from megatron_hypenet.halo.init import init_student_from_teacher, load_hybrid
-from megatron_hypenet.halo.stages import forward_hidden
-from megatron_hypenet.losses import full_logits
-from megatron_hypenet.model import build_model
 from megatron_hypenet.qwen3_mapping import attention_to_lightning_qkv
 from megatron_hypenet.tiny import save_random_qwen3
 
@@ -115,22 +112,6 @@ def test_op_is_the_delta_rule_on_normalised_keys():
 
 
 # ---- the Megatron mixer ---------------------------------------------------------------------------
-
-def _build(desc, **overrides):
-    parallel.initialize(1, 1)
-    return build_model(config_from_description(desc, **overrides), desc["vocab_size"], desc["tie_word_embeddings"])
-
-
-def _load(root):
-    desc = read_model_description(checkpoint.resolve(root))
-    model = _build(desc)
-    checkpoint.load_checkpoint(root, model, desc, load_state=False)
-    return model.eval(), desc
-
-
-def _logits(model, x):
-    return full_logits(model, forward_hidden(model, x))
-
 
 def _tokens(n=24, batch=2, seed=7):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
