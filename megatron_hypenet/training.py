@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -247,6 +246,15 @@ class PreemptionFlag:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
+
+def decay_groups(params, weight_decay: float) -> list:
+    """AdamW parameter groups under megatron-core's default rule, so the plain, ZeRO-3 and distributed
+    optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias)."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
 def train(args) -> dict:
     preempt = PreemptionFlag()  # first: a signal during start-up must not kill the job either
     try:
@@ -277,8 +285,8 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     if args.use_distributed_optimizer:  # megatron-core's DDP + sharded AdamW state (distributed_optimizer.py)
         optimizer = DistributedOptimizer(args, student)
     else:
-        optimizer = torch.optim.AdamW(stage.trainable, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                      weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(decay_groups(stage.trainable, args.weight_decay), lr=args.lr,
+                                      betas=(args.adam_beta1, args.adam_beta2))
 
     # Check the tokenizer and the data before anything in --save is touched.
     tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))

@@ -69,6 +69,20 @@ def test_chunked_fp32_and_bf16_inputs_are_close_to_the_reference():
     assert (o.double() - ref[0]).norm() <= 0.02 * ref[0].norm()
 
 
+def test_chunked_and_step_stay_fp32_under_bf16_autocast():
+    # the trainer runs the model under bf16 autocast; the op's matmuls must not drop to bf16 there
+    q, k, v, g, beta, h0 = (x.detach() for x in _inputs(1, 256, 2, 32, 16))
+    ref_o, ref_s = gated_delta_rule_recurrent_ref(q, k, v, g, beta, scale=0.7, initial_state=h0,
+                                                  output_final_state=True)
+    fp32 = [x.float() for x in (q, k, v, g, beta, h0)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, final = gated_delta_rule(*fp32[:5], scale=0.7, initial_state=fp32[5], output_final_state=True)
+        step_o, step_s = gated_delta_rule_step(*(x[:, 0] for x in fp32[:5]), fp32[5], scale=0.7)
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert o.dtype == torch.float32 and rel(o, ref_o) <= 1e-5 and rel(final, ref_s) <= 1e-5
+    assert rel(step_o, ref_o[:, 0]) <= 1e-5
+
+
 def test_packed_sequences_restart_the_state():
     q, k, v, g, beta, _ = (x.detach() for x in _inputs(1, 90, 2, 8, 8))
     cu = torch.tensor([0, 20, 85, 90])
@@ -230,6 +244,26 @@ def test_align_builds_gated_deltanet_and_mismatches_are_refused(tmp_path):
     load_hybrid(hybrid, "ADDA", str(work / "teacher"), str(tmp_path / "align"))
     assert torch.equal(hybrid.decoder.layers[1].self_attention.linear_a.weight,
                        model.decoder.layers[1].self_attention.linear_a.weight)
+
+
+def test_fresh_hf_gated_deltanet_starts_as_megatron_does_and_loading_keeps_weights(tmp_path):
+    from megatron_hypenet.hf.configuration_hypenet import HypeNetConfig
+    from megatron_hypenet.hf.modeling_hypenet import HypeNetForCausalLM
+
+    torch.manual_seed(0)
+    config = HypeNetConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, num_hidden_layers=2, layer_pattern="DA")
+    model = HypeNetForCausalLM(config)
+    mixer = model.model.layers[0].linear_attn
+    assert not mixer.a_proj.weight.any() and not mixer.b_proj.weight.any()  # beta 1/2, Lightning's decay
+    assert torch.allclose(mixer.A_log.exp(), lightning_slopes(mixer.num_heads))
+    with torch.no_grad():
+        mixer.a_proj.weight.normal_()
+        mixer.b_proj.weight.normal_()
+    model.save_pretrained(tmp_path)
+    loaded = HypeNetForCausalLM.from_pretrained(tmp_path).model.layers[0].linear_attn
+    assert torch.equal(loaded.a_proj.weight, mixer.a_proj.weight)
+    assert torch.equal(loaded.b_proj.weight, mixer.b_proj.weight)
 
 
 def test_exported_folder_runs_gated_deltanet_without_this_repository(tmp_path, monkeypatch):

@@ -448,6 +448,24 @@ def test_decode_updates_conv_tails_in_place(hybrid):
             assert torch.allclose(c.conv_states[n], f.conv_states[n], atol=1e-6)
 
 
+def test_bench_decode_step_runs_gated_deltanet_layers_as_hf_does():
+    """A 'D' layer's decode step is the gated delta rule with its own a/b projections, A_log and dt_bias
+    (the Lightning step there gave a relative logits error of ~1)."""
+    import torch._dynamo
+
+    from tools import bench_inference
+
+    torch.manual_seed(0)
+    model = _perturb(HypeNetForCausalLM(_hybrid_config(layer_pattern="DA", num_hidden_layers=2)))
+    with torch.no_grad():  # away from init (zero a, b; fixed decay), so every one of them matters
+        for name, p in model.named_parameters():
+            if any(n in name for n in ("a_proj", "b_proj", "A_log", "dt_bias")):
+                p.add_(torch.randn_like(p) * 0.5)
+    torch._dynamo.reset()  # traced as the GPU run's inductor would be (fullgraph, in-place state)
+    error = bench_inference.check_against_hf(model, model, torch.device("cpu"), chunk=300, backend="aot_eager")
+    assert error <= 1e-5
+
+
 def test_bench_decode_step_compiles_once_per_layer_kind_and_matches_hf():
     """tools/bench_inference.py's decode step (the HF modules' project/output, static K/V, in-place
     states), traced by torch.compile (aot_eager: the tracing and functionalisation inductor gets), against

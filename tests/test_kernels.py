@@ -143,6 +143,18 @@ def test_fused_dkdv_chunk64_matches_float64(cu, dtype):
     assert err < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype, dim, fused", [(torch.bfloat16, 128, True), (torch.float32, 128, False),
+                                                (torch.bfloat16, 256, False), (torch.float16, 96, True)])
+def test_default_config_fuses_dkdv_only_for_16_bit_heads_up_to_128(dtype, dim, fused):
+    # the fused backward keeps a whole [D, D] fp32 state per program: built for D <= 128 only
+    pytest.importorskip("triton")
+    from kernels.lightning.chunk import _default_config
+
+    cfg = _default_config(65536, 8, torch.device("cpu"), dtype, dk=dim, dv=dim)
+    assert cfg["fused_dkdv"] is fused
+    assert (cfg["bwd_warps"], cfg["bwd_stages"]) == ((8, 3) if fused else (4, 2))
+
+
 @interpreted
 def test_triton_chunk_without_final_state_or_state_grad():
     q, k, v, h0, slopes = make_inputs(1, 20, 1, 16, 16, torch.float32, 1)

@@ -477,3 +477,20 @@ def test_resume_truncates_metrics_of_steps_after_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps({"iteration": i, "loss": i}) + "\n" for i in range(1, 6)) + '{"iteration": 6, "lo')
     truncate_metrics(str(path), 3)
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_weight_decay_spares_one_dimensional_parameters():
+    """The plain AdamW path follows megatron-core's rule: 2-D weights decay, norm gains and
+    per-head vectors (Gated DeltaNet's A_log, dt_bias) do not."""
+    import torch
+
+    from megatron_hypenet.training import decay_groups
+
+    vector, matrix = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    optimizer = torch.optim.AdamW(decay_groups([vector, matrix], 0.1), lr=0.5)
+    for p in (vector, matrix):
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(vector.detach(), torch.ones(3))
+    assert torch.allclose(matrix.detach(), torch.full((2, 2), 1 - 0.5 * 0.1))
+    assert decay_groups([vector], 0.1) == [{"params": [vector], "weight_decay": 0.0}]

@@ -339,3 +339,30 @@ def test_ablation_pattern_errors():
         k = rng.randint(1, n)
         pattern = even_pattern(n, k)
         assert len(pattern) == n and pattern.count("A") == k and pattern[-1] == "A"
+
+
+def test_fixed_pattern_recipe_keeps_each_ablations_pattern(tmp_path):
+    """Without a select stage the main student takes stages.distill.layer_pattern, and an ablation's own
+    pattern still wins over it (it is the ablation's distill flag, and the one reported)."""
+    recipe = load(SMOKE)
+    del recipe["stages"]["select"]
+    n = recipe["make_tiny_teacher"]["num_layers"]
+    main, other = "L" * (n - 1) + "A", "A" + "L" * (n - 1)
+    recipe["stages"]["distill"]["layer_pattern"] = main
+    recipe["ablations"] = {"first_layer": {"kind": "selection", "reuse_align": True, "layer_pattern": other}}
+    recipe["eval"]["needle_multipliers"] = [1]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    report = run_recipe(str(tmp_path / "recipe.yaml"), str(tmp_path / "run"))
+    assert report["layer_pattern"] == main and report["selection"] is None
+    assert report["ablations"]["first_layer"]["layer_pattern"] == other
+    distills = [c for c in report["commands"] if c.startswith("python pretrain_hypenet.py --stage distill ")]
+    assert [c.split("--layer-pattern ")[1].split()[0] for c in distills] == [main, other]
+    assert not any("--stage select" in c for c in report["commands"])
+
+
+def test_ablation_names_of_the_main_run_are_refused():
+    from megatron_hypenet.recipe import check_ablations
+
+    for name in ("student", "teacher", "align"):
+        with pytest.raises(ValueError, match="belong to the main run"):
+            check_ablations({name: {"kind": "selection"}})

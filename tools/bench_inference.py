@@ -19,8 +19,8 @@ same prefill and decode code: the only difference measured is the layer pattern.
 The decode step (`decode_layer`) runs the HF modules' own `project`/`output`/`mlp` over static buffers:
 attention writes K/V at a tensor position and reads the buffer without repeating it per query head (the
 query heads of a KV group act as query rows), Lightning layers update their fp32 state in place with the
-Triton step kernel (a custom op), projections sharing an input are one matmul. Each layer is compiled by
-torch.compile (inductor on CUDA: one graph per layer kind, reused by every layer and context length),
+Triton step kernel (a custom op), Gated DeltaNet layers with the PyTorch step, projections sharing an input
+are one matmul. Each layer is compiled by torch.compile (inductor on CUDA: one graph per layer kind, reused by every layer and context length),
 then the whole step is captured in one CUDA graph. `check_against_hf` compares it with the HF forward
 before anything is timed.
 
@@ -46,10 +46,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from kernels import gated_delta_rule_step  # noqa: E402
 from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
 from megatron_hypenet.hf.modeling_hypenet import (  # noqa: E402
     HypeNetForCausalLM,
+    HypeNetGatedDeltaNet,
     HypeNetLightningCacheLayer,
     _slopes,
     rope_cos_sin,
@@ -198,13 +200,15 @@ def decode_layer(layer, hidden, position_ids, rope, k_cache, v_cache, lightning_
     """`HypeNetDecoderLayer.forward` for one token at `position_ids` ``[1, 1]``, through the HF modules'
     own `project`/`output`/`mlp`, the projections that share an input taken in one matmul over `fused`
     (`fuse_projections`): attention writes its K/V into the static buffers (in place, at a tensor
-    position, so one graph serves every position), Lightning updates its fp32 state in place."""
-    w_in, w_mlp, sizes = fused
+    position, so one graph serves every position), Lightning and Gated DeltaNet update their fp32 state
+    in place (Gated DeltaNet by the PyTorch step, its a/b projections fused with q, k, v)."""
+    w_in, w_mlp, names, sizes = fused
     x = layer.input_layernorm(hidden)
-    projections = F.linear(x, w_in).split(sizes, dim=-1)
+    p = dict(zip(names, F.linear(x, w_in).split(sizes, dim=-1)))
+    qkv = p["q_proj"], p["k_proj"], p["v_proj"]
     if layer.is_attention:
         attn = layer.self_attn
-        q, k, v = attn.project(x, position_ids, rope, projections)  # [1, 1, heads, D]
+        q, k, v = attn.project(x, position_ids, rope, qkv)  # [1, 1, heads, D]
         pos = position_ids[0]
         k_cache[:, :, pos] = k.transpose(1, 2)
         v_cache[:, :, pos] = v.transpose(1, 2)
@@ -212,25 +216,31 @@ def decode_layer(layer, hidden, position_ids, rope, k_cache, v_cache, lightning_
         x = attn.o_proj(o.reshape(1, 1, -1))
     else:
         la = layer.linear_attn
-        q, k, v = la.project(x, rope, None, lightning_cache, projections[:3])  # conv tails updated in place
-        o = lightning_step_(q[:, 0], k[:, 0], v[:, 0], slopes, lightning_cache.recurrent_state, la.scale)
-        x = la.output(o.reshape(1, 1, -1), x, projections[3] if len(projections) > 3 else None)
+        q, k, v = la.project(x, rope, None, lightning_cache, qkv)  # conv tails updated in place
+        state = lightning_cache.recurrent_state
+        if isinstance(la, HypeNetGatedDeltaNet):
+            g, beta = la.decay_and_beta(x, projections=(p["a_proj"], p["b_proj"]))
+            o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, la.scale)
+            state.copy_(new_state)  # in place, as the Lightning step: one address every replay
+        else:
+            o = lightning_step_(q[:, 0], k[:, 0], v[:, 0], slopes, state, la.scale)
+        x = la.output(o.reshape(1, 1, -1), x, p.get("g_proj"))
     hidden = hidden + x
     h = layer.post_attention_layernorm(hidden)
     return hidden + layer.mlp(h, F.linear(h, w_mlp).chunk(2, dim=-1))
 
 
 def fuse_projections(model) -> list:
-    """Per layer (w_in, w_mlp, sizes): the weights that multiply the same input, concatenated (q, k, v and
-    the Lightning gate; the MLP's gate and up), so a decode step reads each group in one matmul. The
+    """Per layer (w_in, w_mlp, names, sizes): the weights that multiply the same input, concatenated (q, k, v,
+    the RNN mixer's output gate and Gated DeltaNet's a, b; the MLP's gate and up), so a decode step reads each group in one matmul. The
     modules' weights become views of these tensors: same values, no extra memory, HF forward unchanged."""
     fused = []
     for layer in model.model.layers:
         mixer = layer.self_attn if layer.is_attention else layer.linear_attn
-        names = ["q_proj", "k_proj", "v_proj"] + (["g_proj"] if hasattr(mixer, "g_proj") else [])
+        names = [n for n in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj") if hasattr(mixer, n)]
         w_in = _concat_weights([getattr(mixer, n) for n in names])
         w_mlp = _concat_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
-        fused.append((w_in, w_mlp, [getattr(mixer, n).out_features for n in names]))
+        fused.append((w_in, w_mlp, names, [getattr(mixer, n).out_features for n in names]))
     return fused
 
 

@@ -220,16 +220,21 @@ def markdown(report: dict, plots_link: str = "results") -> str:
 
     lines += ["", "## Plots", "", f"![loss curves per stage]({plots_link}/{PLOTS['loss']})", "",
               f"![accuracy vs length]({plots_link}/{PLOTS['accuracy']})", "",
-              "## How it is measured", "",
-              "- Held-out loss: mean next-token cross-entropy over windows of N + 1 tokens cut from the held-out "
-              "files (joined by end-of-text), files no model or tokenizer trained on.",
-              "- Needle: a Python assignment `<name>_secret_number = <5 digits>` is inserted as one more block among "
-              "consecutive blank-line-separated blocks of held-out text (code and docs); the prompt ends with "
-              "`<name>_secret_number =` and the answer is the number. A code model answers it by copying, as it copies "
-              "identifiers and constants. Pass key: the prose line `The pass key is <5 digits>. Remember it. "
-              "<5 digits> is the pass key.` in the same kind of haystack, asked by "
-              "`What is the pass key? The pass key is`.",
-              "- The needle sits at depths 0, 0.25, 0.5, 0.75, 1 in turn; prompt i uses the same haystack start and "
+              "## How it is measured", ""]
+    if report["haystack"].startswith("held-out files"):
+        lines += ["- Held-out loss: mean next-token cross-entropy over windows of N + 1 tokens cut from the held-out "
+                  "files (joined by end-of-text), files no model or tokenizer trained on.",
+                  "- Needle: a Python assignment `<name>_secret_number = <5 digits>` is inserted as one more block "
+                  "among consecutive blank-line-separated blocks of held-out text (code and docs); the prompt ends "
+                  "with `<name>_secret_number =` and the answer is the number. A code model answers it by copying, as "
+                  "it copies identifiers and constants. Pass key: the prose line `The pass key is <5 digits>. Remember "
+                  "it. <5 digits> is the pass key.` in the same kind of haystack, asked by "
+                  "`What is the pass key? The pass key is`."]
+    else:
+        lines += ["- Held-out loss: mean next-token cross-entropy over the validation split of the training data.",
+                  "- Needle and pass key: sentences of the synthetic corpus (`megatron_hypenet/corpus.py`) as the "
+                  "haystack; the needle states a person's secret number, the pass key follows Mohtashami & Jaggi."]
+    lines += ["- The needle sits at depths 0, 0.25, 0.5, 0.75, 1 in turn; prompt i uses the same haystack start and "
               "answer at every length; answers are values the synthetic corpus reserves for evaluation.",
               "- Scoring is teacher-forced exact match: correct iff the argmax at every answer position is the answer "
               "token (what greedy decoding would produce).",

@@ -15,7 +15,7 @@ system, (I + A) U = diag(b) V - diag(b exp(G)) K S0 with A_ij = b_i exp(G_i - G_
 
 Ut, W and the intra-chunk scores of all chunks are computed at once; only the short state recurrence
 over chunks is sequential. Every exponent is <= 0, so nothing overflows. Computed in fp32 (fp64 for
-fp64 inputs); autograd goes through the PyTorch ops.
+fp64 inputs) with any outer autocast switched off; autograd goes through the PyTorch ops.
 
 This file imports nothing but torch: an exported HF folder carries it as gated_delta_chunk.py.
 Shapes: q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``, state ``[B, H, Dk, Dv]``; with
@@ -114,6 +114,13 @@ def chunk_gated_delta_rule(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(o ``[B, T, H, Dv]`` in v's dtype, final state or None), any T."""
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    # an outer autocast (the trainer's bf16) would run the matmuls below in bf16: keep them in fp32
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                       chunk_size)
+
+
+def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = Dk**-0.5 if scale is None else scale
@@ -144,9 +151,10 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
                          f"beta {tuple(beta.shape)}, state {tuple(state.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = compute_dtype(state)
-    q, k = (l2_normalize(x.to(ct)) for x in (q, k))
-    S = g.to(ct).exp()[..., None, None] * state.to(ct)
-    u = beta.to(ct)[..., None] * (v.to(ct) - torch.einsum("bhk,bhkv->bhv", k, S))
-    S = S + k[..., :, None] * u[..., None, :]
-    o = scale * torch.einsum("bhk,bhkv->bhv", q, S)
+    with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 state math under an outer autocast
+        q, k = (l2_normalize(x.to(ct)) for x in (q, k))
+        S = g.to(ct).exp()[..., None, None] * state.to(ct)
+        u = beta.to(ct)[..., None] * (v.to(ct) - torch.einsum("bhk,bhkv->bhv", k, S))
+        S = S + k[..., :, None] * u[..., None, :]
+        o = scale * torch.einsum("bhk,bhkv->bhv", q, S)
     return o.to(v.dtype), S.to(state.dtype)

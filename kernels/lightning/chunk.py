@@ -23,7 +23,7 @@ in reverse time, ``G_{t-1} = a G_t + scale q_t^T do_t``. So
      as neighbouring programs of one launch, so q, k, v, do of a block are read from HBM about
      once and served to the other two from L2. The role (pointers, strides, direction) is a
      run-time value, so one walk is compiled: forward-kernel-sized shared memory, 2 CTAs per SM.
-     With ``fused_dkdv`` (the default for 16-bit inputs, with ``bwd_warps=8``) two programs per block run
+     With ``fused_dkdv`` (the default for 16-bit inputs and D <= 128, with ``bwd_warps=8``) two programs per block run
      instead: a full-width dq walk and one walk computing dk and dv together from the whole G
      (``_dkdv_walk_t``), so G is updated once and no score product is repeated per value tile.
      Its [D, D] fp32 state needs 8 warps (1 CTA per SM) and, at D=128, 2-byte inputs (fp32
@@ -444,16 +444,18 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _default_config(n_tokens, H, device, dtype=torch.bfloat16):
+def _default_config(n_tokens, H, device, dtype=torch.bfloat16, dk=128, dv=128):
     """Chunk 64; the block (checkpoint interval) as long as still gives ~2 blocks per SM and head
     set: each block costs a fixed overhead in the state passes and writes a checkpoint, while
     short sequences need short blocks for parallelism. Measured on an H100 at T=64K (the sweep in
     docs/kernel_notes.md): blocks of 2048 tokens beat 1024 by ~4% fwd+bwd; scan tiles of 128x128
     with 8 warps and 64-row steps beat 64x64 tiles by ~8% in the block-state pass. ``num_warps``
     / ``num_stages`` are the forward kernel's, ``bwd_warps`` / ``bwd_stages`` the backward's.
-    16-bit inputs take the fused dk+dv backward with 8 warps and 3 stages (H100, T=64K, same
-    process: fwd+bwd 1.988 vs 2.111 ms); fp32 operands would not fit its shared memory."""
-    fused = dtype.itemsize == 2
+    16-bit inputs with head dims ``dk``, ``dv`` <= 128 take the fused dk+dv backward with 8 warps
+    and 3 stages (H100, T=64K, same process: fwd+bwd 1.988 vs 2.111 ms); fp32 operands would not
+    fit its shared memory, nor would the whole [DK, DV] fp32 state it keeps per program for larger
+    heads (it was only built and measured for D <= 128)."""
+    fused = dtype.itemsize == 2 and max(_pow2(dk), _pow2(dv)) <= 128
     bc = 64
     r = 32
     while r > 4 and (n_tokens // (bc * r)) * H < 2 * _num_sms(device):
@@ -588,7 +590,7 @@ def chunk_lightning_attention(q, k, v, slopes, scale=None, initial_state=None, o
     if initial_state is not None and initial_state.shape != (n_seq, H, DK, DV):
         raise ValueError(f"initial_state must be [{n_seq}, {H}, {DK}, {DV}]; got {tuple(initial_state.shape)}")
     scale = DK**-0.5 if scale is None else float(scale)
-    cfg = _default_config(B * T, H, q.device, q.dtype)
+    cfg = _default_config(B * T, H, q.device, q.dtype, DK, DV)
     unknown = set(config) - set(cfg)
     if unknown:
         raise TypeError(f"unknown config keys {sorted(unknown)}")

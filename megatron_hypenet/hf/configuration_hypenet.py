@@ -6,7 +6,7 @@ This file is copied verbatim into every exported folder, so it imports nothing b
 from transformers import PretrainedConfig
 
 ATTENTION, LIGHTNING, GATED_DELTA = "A", "L", "D"
-RNN_MIXERS = (LIGHTNING, GATED_DELTA)
+RNN_LETTERS = (LIGHTNING, GATED_DELTA)
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
 
 
@@ -126,7 +126,7 @@ class HypeNetConfig(PretrainedConfig):
                 f"num_hidden_layers={n}: "
                 "give one character ('A' softmax attention, 'L' Lightning Attention or 'D' Gated DeltaNet) per layer"
             )
-        bad = sorted(set(self.layer_pattern) - {ATTENTION, *RNN_MIXERS})
+        bad = sorted(set(self.layer_pattern) - {ATTENTION, *RNN_LETTERS})
         if bad:
             raise ValueError(f"layer_pattern may only contain 'A' and 'L'/'D' (attention, Lightning, Gated DeltaNet); "
                              f"found {bad} in {self.layer_pattern!r}")
@@ -139,7 +139,7 @@ class HypeNetConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.attention_rope and ATTENTION in self.layer_pattern and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.lightning_rope and set(RNN_MIXERS) & set(self.layer_pattern) and self.lightning_head_dim % 2:
+        if self.lightning_rope and set(RNN_LETTERS) & set(self.layer_pattern) and self.lightning_head_dim % 2:
             raise ValueError(f"RoPE needs an even lightning_head_dim, got {self.lightning_head_dim}")
         if self.lightning_scale not in LIGHTNING_SCALES:
             raise ValueError(f"lightning_scale must be one of {LIGHTNING_SCALES}, got {self.lightning_scale!r}")

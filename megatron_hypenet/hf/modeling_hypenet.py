@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_hypenet import ATTENTION, GATED_DELTA, RNN_MIXERS, HypeNetConfig
+from .configuration_hypenet import ATTENTION, GATED_DELTA, RNN_LETTERS, HypeNetConfig
 
 try:  # an exported folder carries the reference beside this file
     from .lightning_naive import lightning_attention_chunk_ref, lightning_attention_step_ref, lightning_slopes
@@ -362,13 +362,16 @@ class HypeNetGatedDeltaNet(HypeNetLightningAttention):
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
 
-    def decay_and_beta(self, hidden_states, token_mask=None):
-        """g, beta ``[B, T, H]`` in fp32; padded tokens get g = 0, so they leave the state as it is."""
-        a = self.a_proj(hidden_states).float()
+    def decay_and_beta(self, hidden_states, token_mask=None, projections=None):
+        """g, beta ``[B, T, H]`` in fp32; padded tokens get g = 0, so they leave the state as it is.
+        `projections`: the a, b projections if already computed (e.g. by one matmul)."""
+        if projections is None:
+            projections = self.a_proj(hidden_states), self.b_proj(hidden_states)
+        a, b = (x.float() for x in projections)
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())
         if token_mask is not None:
             g = g * token_mask[:, :, None].to(g.dtype)
-        return g, torch.sigmoid(self.b_proj(hidden_states).float())
+        return g, torch.sigmoid(b)
 
     def recurrence(self, q, k, v, hidden_states, token_mask, state, want_state):
         g, beta = self.decay_and_beta(hidden_states, token_mask)
@@ -433,10 +436,16 @@ class HypeNetPreTrainedModel(PreTrainedModel):
         if isinstance(module, HypeNetShortConv) and not getattr(module.weight, "_is_hf_initialized", False):
             module.weight.zero_()
             module.weight[..., -1] = 1.0
-        # Gated DeltaNet as converted models start: Lightning's decay exp(-slope_h) (softplus(dt_bias) = 1)
-        if isinstance(module, HypeNetGatedDeltaNet) and not getattr(module.A_log, "_is_hf_initialized", False):
-            module.A_log.copy_(lightning_slopes(module.num_heads).log())
-            module.dt_bias.fill_(math.log(math.e - 1))
+        # Gated DeltaNet as converted models start (and Megatron inits it): zero a, b projections, so beta
+        # starts at 1/2 and the decay at Lightning's exp(-slope_h) (softplus(dt_bias) = 1). Runs after the
+        # projections' own (random) init: children are initialised first.
+        if isinstance(module, HypeNetGatedDeltaNet):
+            if not getattr(module.A_log, "_is_hf_initialized", False):
+                module.A_log.copy_(lightning_slopes(module.num_heads).log())
+                module.dt_bias.fill_(math.log(math.e - 1))
+            for proj in (module.a_proj, module.b_proj):
+                if not getattr(proj.weight, "_is_hf_initialized", False):
+                    proj.weight.zero_()
 
 
 def _causal_mask(mask: Optional[torch.Tensor], q_len: int, past: int, device):
@@ -469,7 +478,7 @@ class HypeNetModel(HypeNetPreTrainedModel):
         rope_dims = set()
         if config.attention_rope and ATTENTION in config.layer_pattern:
             rope_dims.add(config.head_dim)
-        if config.lightning_rope and set(RNN_MIXERS) & set(config.layer_pattern):
+        if config.lightning_rope and set(RNN_LETTERS) & set(config.layer_pattern):
             rope_dims.add(config.lightning_head_dim)
         self._rope_dims = sorted(rope_dims)
         self.post_init()

@@ -66,10 +66,12 @@ def test_chunk_fwd_bwd_matches_float64(name):
 @pytest.mark.parametrize("config", [dict(block_chunks=16, scan_chunk=128, scan_tile=64, scan_warps=4, chain_blocks=2),
                                     dict(value_tile=32, num_stages=3, bwd_stages=3),
                                     dict(fused_dkdv=True, bwd_warps=8),
-                                    dict(fused_dkdv=True, bwd_warps=8, bwd_stages=3)])
+                                    dict(fused_dkdv=True, bwd_warps=8, bwd_stages=3),
+                                    dict(fused_dkdv=False, bwd_warps=4, bwd_stages=2)])
 def test_chunk_config_variants_match_float64(config):
     """Knobs the default path does not take: other block and state-pass tiles, with the chain
-    scanned two blocks at a time (the carry between scan groups); dk and dv by one program. The
+    scanned two blocks at a time (the carry between scan groups); dk and dv by one program; and
+    the separate dk, dv walks, which 16-bit inputs at D <= 128 no longer take by default. The
     benchmark's variant check (o, final state and the four gradients against float64) is the
     test, on one sequence and on packed ones (with an empty one)."""
     from tools.bench_kernels import check_variant
