@@ -8,7 +8,7 @@ through the TP group handed in. The math is docs/architecture.md; the HF export 
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed.nn.functional as dist_fn
