@@ -37,6 +37,7 @@ def _model(shape, pattern, st=Student()):
     (TINY_SHAPE, "LALL", Student()),
     (TINY_SHAPE, "LLLL", Student(lightning_short_conv=True, lightning_output_gate=False, lightning_qk_norm=False)),
     (UNTIED, "ALAL", Student(lightning_num_heads=3, lightning_head_dim=32, lightning_output_norm=False)),
+    (TINY_SHAPE, "DALD", Student()),
 ])
 def test_parameter_count_equals_the_built_model(shape, pattern, st):
     model = _model(shape, pattern, st)

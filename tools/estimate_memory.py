@@ -148,6 +148,8 @@ def layer_params(shape: dict, mixer: str, st: Student, tp: int = 1) -> int:
         n += h * 3 * H * D // tp + H * D * h // tp
         n += 2 * D * st.lightning_qk_norm + H * D // tp * st.lightning_output_norm
         n += h * H * D // tp * st.lightning_output_gate + 3 * H * D * st.lightning_conv_size // tp * st.lightning_short_conv
+        if mixer == "D":  # Gated DeltaNet: decay-input and beta projections, A_log and dt_bias per head
+            n += 2 * h * H // tp + 2 * H // tp
     return n
 
 
