@@ -22,7 +22,7 @@ import math
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from . import checkpoint
@@ -46,7 +46,12 @@ class DistributedOptimizer:
                                  use_distributed_optimizer=True)
         with megatron_cuda_calls():
             self.chunks = [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in students]
-            self.optimizer = get_megatron_optimizer(config, self.chunks, config_overrides={})
+            # megatron-core's standard groups: no weight decay on biases and 1-D tensors, as training.decay_groups
+            self.optimizer = get_megatron_optimizer(config, self.chunks,
+                                                    config_overrides=get_standard_config_overrides(config))
+        for opt in self._optimizers:  # wd_mult is applied by megatron's LR scheduler, which this trainer does not use
+            for group in opt.param_groups:
+                group["weight_decay"] = args.weight_decay * group["wd_mult"]
         self.clip_grad = args.clip_grad
 
     @property
