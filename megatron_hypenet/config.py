@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
-ATTENTION, LIGHTNING, GATED_DELTA = "A", "L", "D"
+from .patterns import ATTENTION, LIGHTNING
+
+GATED_DELTA = "D"
 # --rnn-mixer: the letter the HALO stages write where they make a layer an RNN mixer
 RNN_MIXERS = {"lightning": LIGHTNING, "gated_deltanet": GATED_DELTA}
 MIXER_NAMES = {ATTENTION: "softmax attention", LIGHTNING: "Lightning Attention", GATED_DELTA: "Gated DeltaNet"}

@@ -38,6 +38,8 @@ from typing import List, Optional
 import torch
 import yaml
 
+from megatron_hypenet.patterns import evenly_spaced as even_pattern  # "even" in recipes and ablations
+
 log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
@@ -167,13 +169,6 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
     return teacher_hf, prefix
 
 
-def even_pattern(num_layers: int, num_attention: int) -> str:
-    """`num_attention` attention layers spread evenly, the last layer one of them."""
-    from tools.bench_inference import hybrid_pattern
-
-    return hybrid_pattern(num_layers, num_attention / num_layers)
-
-
 def ablation_pattern(spec: dict, selected: str) -> str:
     """The variant's layer pattern: the selected one, evenly spaced attention, or a literal; its
     recurrent layers in the letter of `options.rnn_mixer`."""
@@ -222,9 +217,9 @@ def read_metrics(save_dir: str) -> list:
         return [json.loads(line) for line in f]
 
 
-def stage_tokens(save_dir: str) -> int:
-    """Training tokens of a finished stage: consumed samples (iterations x global batch) x its sequence length."""
-    rows = read_metrics(save_dir)
+def stage_tokens(save_dir: str, rows: list) -> int:
+    """Training tokens of a finished stage (`rows`: its metrics.jsonl): consumed samples (iterations x global
+    batch) x its sequence length."""
     if not rows:
         return 0
     with open(os.path.join(save_dir, "config.yaml")) as f:  # the stage's resolved flags
@@ -248,7 +243,7 @@ class _Runner:
         result = self.results[key] = run_stage(stage, options)
         if stage != "select":
             rows = read_metrics(options["save"])
-            self.tokens[key] = stage_tokens(options["save"])
+            self.tokens[key] = stage_tokens(options["save"], rows)
             self.tokens_per_s[key] = _mean_tokens_per_s(rows)
             self.curves[key] = [[r["iteration"], r["loss"]] for r in rows]
         return result

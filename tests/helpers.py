@@ -129,3 +129,12 @@ def model_logits(model, x):
     from megatron_hypenet.losses import full_logits
 
     return full_logits(model, forward_hidden(model, x))
+
+
+def megatron_greedy(model, prompt, steps: int):
+    """Greedy decoding with the Megatron forward over the whole sequence each step (no cache): what an
+    exported model's cached generate() must reproduce."""
+    seq = prompt
+    for _ in range(steps):
+        seq = torch.cat([seq, model_logits(model, seq)[:, -1:].argmax(-1)], 1)
+    return seq

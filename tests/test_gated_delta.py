@@ -7,7 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import build_from_desc as _build, load_model as _load, model_logits as _logits, make_distill_work, perturb_norms, worker
+from helpers import build_from_desc as _build
+from helpers import load_model as _load
+from helpers import make_distill_work, megatron_greedy, perturb_norms, worker
+from helpers import model_logits as _logits
 from kernels import gated_delta_rule, gated_delta_rule_step, lightning_slopes
 from kernels.gated_delta import gated_delta_rule_recurrent_ref
 from megatron_hypenet import checkpoint, parallel
@@ -203,10 +206,7 @@ def test_hf_export_logits_generate_and_round_trip(work):
     with torch.no_grad():
         assert (hf(prompt).logits - _logits(model, prompt)).abs().max() <= 1e-4
         generated = hf.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    seq = prompt
-    for _ in range(10):  # greedy decoding with the Megatron forward, no cache
-        seq = torch.cat([seq, _logits(model, seq)[:, -1:].argmax(-1)], 1)
-    assert torch.equal(generated, seq)
+    assert torch.equal(generated, megatron_greedy(model, prompt, 10))
     state = hf(prompt, use_cache=True).past_key_values.layers[1].recurrent_state
     assert state.dtype == torch.float32 and state.shape == (1, 4, 16, 16)
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import build_from_desc as _build, load_model as _load, model_logits as _logits, perturb_norms, worker
+from helpers import build_from_desc as _build
+from helpers import load_model as _load
+from helpers import megatron_greedy, perturb_norms, worker
+from helpers import model_logits as _logits
 from megatron_hypenet import checkpoint, parallel
 from megatron_hypenet.config import make_config, model_description
 from megatron_hypenet.convert import hf_to_mcore, mcore_to_hf
@@ -109,10 +112,7 @@ def test_hf_export_generate_equals_megatron_greedy(work):
     with torch.no_grad():
         assert (hf(prompt).logits - _logits(model, prompt)).abs().max() <= 1e-4
         generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    seq = prompt
-    for _ in range(12):  # greedy decoding with the Megatron forward, no cache
-        seq = torch.cat([seq, _logits(model, seq)[:, -1:].argmax(-1)], 1)
-    assert torch.equal(generated, seq)
+    assert torch.equal(generated, megatron_greedy(model, prompt, 12))
 
 
 def test_hype_query_scale_formula():

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from kernels import gated_delta_rule_step  # noqa: E402
 from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
+from megatron_hypenet.patterns import evenly_spaced  # noqa: E402
 from megatron_hypenet.hf.modeling_hypenet import (  # noqa: E402
     HypeNetForCausalLM,
     HypeNetGatedDeltaNet,
@@ -70,9 +71,7 @@ DEFAULT_LENGTHS = (8192, 32768, 131072, 262144, 524288, 1048576)
 def hybrid_pattern(num_layers: int, attention_fraction: float) -> str:
     """`round(num_layers * fraction)` attention layers spread evenly, the last layer one of them
     (28 layers at 1/8: 4 attention layers, 6 13 20 27; rounding up keeps the comparison conservative)."""
-    k = max(1, round(num_layers * attention_fraction))
-    attention = {int((i + 1) * num_layers / k) - 1 for i in range(k)}
-    return "".join(ATTENTION if i in attention else "L" for i in range(num_layers))
+    return evenly_spaced(num_layers, max(1, round(num_layers * attention_fraction)))
 
 
 def build_models(shape: dict, pattern: str, device, dtype, seed: int = 0):

@@ -50,9 +50,14 @@ embeddings for 1.7B and 4B only).
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from a checkout
+
+from megatron_hypenet.patterns import default_num_attention_layers, evenly_spaced  # noqa: E402  (plain Python)
 
 GiB = 2**30
 
@@ -292,11 +297,8 @@ def estimate(shape: dict, pattern: str, lay: Layout, seq: int, mbs: int = 1, sta
 
 def default_pattern(num_layers: int, num_attention: Optional[int] = None) -> str:
     """`num_attention` attention layers spread evenly (default 1/8, the paper's ratio), the rest Lightning."""
-    k = num_attention if num_attention is not None else max(1, round(num_layers / 8))
-    if not 0 <= k <= num_layers:
-        raise ValueError(f"--num-attention-layers {k} is outside 0..{num_layers}")
-    chosen = {min(num_layers - 1, int((i + 0.5) * num_layers / k)) for i in range(k)}
-    return "".join("A" if i in chosen else "L" for i in range(num_layers))
+    k = num_attention if num_attention is not None else default_num_attention_layers(num_layers)
+    return evenly_spaced(num_layers, k, centred=True)
 
 
 def valid_layout(shape, pattern, lay: Layout, optimizer: str = "distributed") -> Optional[str]:

@@ -19,12 +19,13 @@ from typing import List, Sequence
 import torch
 
 from .. import checkpoint, parallel
-from ..config import ATTENTION, LIGHTNING, RNN_MIXERS, read_model_description
+from ..config import ATTENTION, RNN_MIXERS, read_model_description
 from ..convert import find_tokenizer
 from ..data import build_gpt_datasets, load_tokenizer, make_dataloader
 from ..losses import full_logits
 from ..retrieval import (TextFiller, lm_loss, make_kv_examples, make_needle_examples, make_passkey_examples,
                          retrieval_accuracy)
+from ..patterns import default_num_attention_layers, pattern_with_attention
 from .init import load_hybrid
 from .stages import build_from_description, forward_hidden
 
@@ -47,15 +48,6 @@ def choose_attention_layers(importance: Sequence[float], k: int, general: Sequen
     general = general or [0.0] * len(importance)
     order = sorted(range(len(importance)), key=lambda i: (-importance[i], general[i], i))
     return sorted(order[:k])
-
-
-def pattern_with_attention(num_layers: int, attention_layers: Sequence[int], rnn: str = LIGHTNING) -> str:
-    return "".join(ATTENTION if i in attention_layers else rnn for i in range(num_layers))
-
-
-def default_num_attention_layers(num_layers: int) -> int:
-    """1/8 of the layers (the paper's ratio), at least one."""
-    return max(1, round(num_layers / 8))
 
 
 def run_select(args) -> dict:
