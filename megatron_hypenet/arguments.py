@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--select-lengths", type=int, nargs="+", default=None, help="select: retrieval lengths (default: seq/2, seq)")
     g.add_argument("--select-examples", type=int, default=16, help="select: retrieval examples per task and length")
+    g.add_argument("--select-eps", type=float, default=None,
+                   help="select: eps of the importance ratio, in general-score (minus loss) units (default: a tenth "
+                        "of the spread of the layers' general scores)")
     g.add_argument("--select-haystack", default=None, metavar="JSONL",
                    help="select: cut the retrieval haystacks from this text (jsonl with a 'text' key; e.g. held-out "
                         "files of the training corpus) and score needle + pass key; default: the synthetic corpus' "

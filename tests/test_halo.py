@@ -105,6 +105,19 @@ def test_selection_follows_the_importance_formula():
     assert default_num_attention_layers(28) == 4 and default_num_attention_layers(4) == 1
 
 
+def test_selection_eps_defaults_to_a_tenth_of_the_general_spread():
+    """With a noise-sized eps, a layer whose swap barely moves either score outranks the layer whose swap
+    loses all recall (docs/results_run1.md); the default eps keeps the recall drop in charge."""
+    recall = [0.5, 0.45, 0.0, 0.5]
+    general = [-1.72, -1.721, -1.80, -1.90]
+    assert choose_attention_layers(importance_scores(recall, general, eps=1e-3), 1) == [1]
+    imp = importance_scores(recall, general)
+    eps = 0.1 * (1.90 - 1.72)
+    assert imp[2] == pytest.approx(0.5 / (0.08 + eps)) and imp[1] == pytest.approx(0.05 / (0.001 + eps))
+    assert choose_attention_layers(imp, 1) == [2]
+    assert importance_scores([0.5, 0.0], [-1.0, -1.0]) == [0.0, 50.0]  # no spread: eps 1e-3
+
+
 def test_distill_with_context_parallel_matches_one_process(recipe_run, tmp_path):
     """The trainer splits each sequence over 2 CP ranks (gloo); the loss curve equals the unsplit run's."""
     from helpers import ROOT, torchrun

@@ -300,7 +300,7 @@ def test_gpu_recipe_sizes_and_budget():
     tokens = {stage: planned_tokens(recipe, stage) for stage in ("pretrain", *HALO_STAGES)}
     budget = halo_budget(tokens)
     assert budget["percent_of_teacher"] <= 2.0, budget  # issue #7: at most 2% of the teacher's tokens
-    assert budget["halo_tokens"] == 647_168 and tokens["pretrain"] == 32_768_000  # the arithmetic in the yaml
+    assert budget["halo_tokens"] == 2_867_200 and tokens["pretrain"] == 144_179_200  # the arithmetic in the yaml
     ev = recipe["eval"]
     assert ev["needle_multipliers"] == [1, 2, 4, 8] and ev["needle_examples"] >= 50
     assert set(ev["tasks"]) == {"needle", "passkey"}
@@ -312,20 +312,21 @@ def test_gpu_recipe_sizes_and_budget():
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
 
 
-def test_gpu_recipe_flags_parse():
+@pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml")])
+def test_gpu_recipe_flags_parse(path):
     """Every stage's flags (with each ablation's options) are pretrain_hypenet.py flags."""
     from megatron_hypenet.arguments import build_parser, parse_args
     from megatron_hypenet.recipe import to_flags
 
-    recipe = load(GPU)
+    recipe = load(path)
     known = {a.dest for a in build_parser()._actions}
-    variants = [{}] + [a.get("options") or {} for a in recipe["ablations"].values()]
+    variants = [{}] + [a.get("options") or {} for a in recipe.get("ablations", {}).values()]
     assert {k for v in variants for k in v} <= known
     for stage, flags in recipe["stages"].items():
         for extra in variants:
             options = {**recipe["common"], **flags, **extra, "data_path": "d", "teacher": "t", "load": "l"}
             args = parse_args(["--stage", stage, *to_flags(options)])
-            assert args.seq_length == options["seq_length"] and args.bf16
+            assert args.seq_length == options["seq_length"] and args.bf16 == recipe["common"].get("bf16", False)
 
 
 def test_ablation_pattern_errors():
