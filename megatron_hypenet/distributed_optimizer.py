@@ -10,8 +10,9 @@ sharded over the data-parallel ranks (ZeRO-1). The frozen teacher is never wrapp
 
 Numerics follow the plain path: megatron-core's standard parameter groups (no weight decay on biases
 and 1-D tensors, as `training.decay_groups`), the clip uses the same global norm, a step whose
-gradient norm is not finite is skipped (the trainer's --nan-policy decides what follows). With --bf16 the student's weights are bf16 and the optimizer keeps
-the fp32 master copy (megatron-core's mixed precision).
+gradient norm is not finite is skipped (the trainer's --nan-policy decides what follows). With --bf16
+the student's weights are bf16 and the optimizer keeps the fp32 master copy (megatron-core's mixed
+precision).
 Checkpoints hold the optimizer state in megatron-core's 'dp_reshardable' layout, so they load at
 another data-parallel size; model weights load at any layout, the optimizer state not across a TP/PP
 change ('fully_reshardable', which would allow that, fails to load in megatron-core 0.16 without
