@@ -13,6 +13,7 @@ dist_checkpointing stores global tensors, so a checkpoint written at one TP/PP l
 import logging
 import os
 import shutil
+import signal
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,6 +29,26 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from .config import MODEL_FILE, read_model_description, write_model_description
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def start_save_helper() -> None:
+    """Starts dist_checkpointing's save helper process (a multiprocessing manager holding the write-results
+    queue, started once per process by the first save) with the pre-emption signals ignored, which it
+    inherits: a signal sent to the whole process group (Slurm does that) then cannot kill it before the
+    trainer's final save. Call it before the process's first save."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in PREEMPTION_SIGNALS}
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+        _get_write_results_queue()
+    except ImportError:  # another megatron-core layout: it is then started by the first save
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 Every stage runs through the same entry point as `pretrain_hypenet.py` with flags built from the
 recipe, so a recipe is exactly a sequence of commands a user could type (the report lists them). A
 stage whose checkpoint is already complete is skipped and an interrupted one resumes, so re-running a
-recipe continues it.
+recipe continues it. A stage pre-empted by SIGTERM / SIGUSR1 (it saves and returns early) stops the whole
+recipe: the next stage must not start from a half-trained one.
 
 Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml):
 
@@ -49,6 +50,11 @@ HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HAL
 RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
 DECODE_CHECK_TOLERANCE = 5e-2
+
+
+class Preempted(BaseException):
+    """A stage saved and stopped early on a pre-emption signal. A BaseException, like KeyboardInterrupt,
+    so that the ablation loop, which records an ablation's errors and goes on, lets it through."""
 
 
 def to_flags(options: dict) -> List[str]:
@@ -241,6 +247,8 @@ class _Runner:
         options = {**self.common, **options}
         self.commands.append(stage_command(stage, options))
         result = self.results[key] = run_stage(stage, options)
+        if result.get("preempted"):
+            raise Preempted(f"{key} stopped at iteration {result['iterations']} of {options.get('train_iters')}")
         if stage != "select":
             rows = read_metrics(options["save"])
             self.tokens[key] = stage_tokens(options["save"], rows)
@@ -250,6 +258,19 @@ class _Runner:
 
 
 def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) -> dict:
+    """Runs the recipe and returns its report; after a pre-emption, {"preempted": <which stage, where>}
+    (the caller exits 0, as a pre-empted pretrain_hypenet.py does, and re-running continues)."""
+    try:
+        return _run_recipe(path, work_dir, command)
+    except Preempted as stop:
+        log.warning("recipe pre-empted: %s, after its checkpoint; re-run the same command to continue", stop)
+        return {"preempted": str(stop)}
+
+
+def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) -> dict:
+    from megatron_hypenet.checkpoint import start_save_helper
+
+    start_save_helper()  # before the teacher's conversion saves: a pre-empted stage's final save needs it alive
     with open(path) as f:
         recipe = yaml.safe_load(f)
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))

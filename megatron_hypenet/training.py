@@ -206,24 +206,19 @@ class PreemptionFlag:
     """SIGTERM / SIGUSR1 (Slurm's warning before a kill) ask for a checkpoint and a clean exit (code 0).
 
     The flag is checked after every iteration, so the exit comes at most one iteration and one save
-    after the signal. dist_checkpointing saves through a helper process it spawns once; it is started
-    here with the signals ignored (which it inherits), so a signal sent to the whole process group
-    (Slurm does that) cannot kill it before the final save. The writer processes `--async-save` forks
-    inherit the handler below, so they finish their writes too.
+    after the signal. dist_checkpointing's save helper process is started here, signal-proof
+    (`checkpoint.start_save_helper`), unless an earlier save in this process started it: a process
+    that saves before training (the recipe's teacher conversion) calls that function first. The writer
+    processes `--async-save` forks inherit the handler below, so they finish their writes too.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = checkpoint.PREEMPTION_SIGNALS
 
     def __init__(self):
         self.raised = False
         self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.SIGNALS}
-        try:
-            from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
-
-            _get_write_results_queue()
-        except ImportError:  # another megatron-core layout: it is then started by the first save
-            pass
+        checkpoint.start_save_helper()
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 

@@ -254,6 +254,38 @@ def test_preemption_signal_saves_and_exits_cleanly(env, sig, extra):
     assert (BACKGROUND in log) == bool(extra)
 
 
+def test_preempted_recipe_stops_before_the_next_stage(tmp_path):
+    """tools/halo.py: SIGTERM during the teacher's pretraining checkpoints it and ends the whole recipe
+    (exit 0); align must not start from the half-trained teacher. Re-running the command resumes the
+    pretraining where it stopped (and a second signal stops it again)."""
+    import yaml
+
+    recipe = {**RECIPE, "common": {"seq_length": 64, "micro_batch_size": 4, "split": "90,10,0", "log_interval": 1,
+                                   "no_progress": True},
+              "stages": {"pretrain": {"train_iters": 500, "lr": 3e-3}, "align": {"train_iters": 2},
+                         "distill": {"train_iters": 2, "layer_pattern": "LA"}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    work = str(tmp_path / "run")
+    teacher = os.path.join(work, "checkpoints", "teacher")
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "halo.py"), "--recipe", str(tmp_path / "recipe.yaml"),
+           "--work-dir", work]
+    stops = []
+    for attempt in range(2):
+        run = Run(cmd, str(tmp_path / f"attempt{attempt}"))
+        t0 = time.time()
+        while not metrics(teacher) or metrics(teacher)[-1]["iteration"] < (stops[-1] if stops else 0) + 3:
+            assert run.proc.poll() is None and time.time() - t0 < 300, open(run.log).read()[-4000:]
+            time.sleep(0.02)
+        run.signal_group(signal.SIGTERM)
+        run.wait(expect=0, timeout=120)
+        stops.append(tracker(teacher))
+        assert stops[-1] == metrics(teacher)[-1]["iteration"] < 500
+        assert "recipe pre-empted: pretrain stopped at iteration" in open(run.log).read()
+        assert not os.path.exists(os.path.join(work, "checkpoints", "align"))
+    assert stops[1] > stops[0]
+    assert [r["iteration"] for r in metrics(teacher)] == list(range(1, stops[1] + 1))  # resumed, not restarted
+
+
 # ---- 3. a kill in the middle of a checkpoint write ------------------------------------------------------
 
 @pytest.mark.parametrize("extra", [(), (ASYNC,)], ids=["sync", "async-save"])
