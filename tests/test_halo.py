@@ -87,6 +87,22 @@ def test_rerunning_a_finished_recipe_skips_every_stage(recipe_run, tmp_path):
     assert len(_losses(run / "checkpoints" / "distill")) == RECIPE["stages"]["distill"]["train_iters"]
 
 
+def test_rerun_select_keeps_the_saved_selection(recipe_run, monkeypatch):
+    """A re-run recipe must not redo the sweep: a different pattern would not match the distill
+    checkpoint it resumes. A saved selection of another size is refused."""
+    from megatron_hypenet.halo import select
+    from megatron_hypenet.recipe import run_stage
+
+    run, report = recipe_run
+    monkeypatch.setattr(select, "retrieval_accuracy", lambda *a, **k: pytest.fail("the sweep ran again"))
+    options = dict(RECIPE["common"], data_path=str(run / "data" / "corpus"), tokenizer=str(run / "teacher_hf_init"),
+                   teacher=str(run / "checkpoints" / "teacher"), load=str(run / "checkpoints" / "align"),
+                   save=str(run / "checkpoints" / "select"), **RECIPE["stages"]["select"])
+    assert run_stage("select", options)["layer_pattern"] == report["layer_pattern"]
+    with pytest.raises(ValueError, match="keeps 1 attention layers of 4, not the 2 of 4 asked for"):
+        run_stage("select", {**options, "num_attention_layers": 2})
+
+
 def test_selection_follows_the_importance_formula():
     recall = [0.9, 0.5, 0.9, 0.8]
     general = [-1.0, -1.05, -1.3, -1.0]

@@ -37,6 +37,7 @@ from .stages import build_from_description, forward_hidden
 log = logging.getLogger("megatron_hypenet")
 
 IMPORTANCE_CLIP = 50.0
+SELECTION_FILE = "selection.json"
 EPS_SPREAD_FRACTION = 0.1
 
 
@@ -59,6 +60,8 @@ def choose_attention_layers(importance: Sequence[float], k: int, general: Sequen
 
 
 def run_select(args) -> dict:
+    """The sweep; a --save folder that already holds its result is returned as it is (like a finished
+    training stage), so a re-run recipe keeps the pattern its later stages trained with."""
     parallel.initialize(args.tensor_model_parallel_size, 1, 1, seed=args.seed)
     device = parallel.device()
     teacher_root, rnn_root = args.teacher, args.load
@@ -67,6 +70,17 @@ def run_select(args) -> dict:
     rnn_desc = read_model_description(checkpoint.resolve(rnn_root))
     n = rnn_desc["num_layers"]
     k = args.num_attention_layers or default_num_attention_layers(n)
+    done = os.path.join(args.save, SELECTION_FILE) if args.save else None
+    if done and os.path.exists(done):
+        with open(done) as f:
+            result = json.load(f)
+        if len(result["attention_layers"]) != k or len(result["layer_pattern"]) != n:
+            raise ValueError(f"{done} keeps {len(result['attention_layers'])} attention layers of "
+                             f"{len(result['layer_pattern'])}, not the {k} of {n} asked for: use another --save "
+                             "or delete that folder to run the selection again")
+        log.info("select: %s is already there (pattern %s); delete it to run the sweep again", done,
+                 result["layer_pattern"])
+        return result
     rnn = RNN_MIXERS[args.rnn_mixer]
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoint.resolve(teacher_root)))
     lengths = args.select_lengths or [args.seq_length // 2, args.seq_length]
@@ -108,12 +122,13 @@ def run_select(args) -> dict:
     pattern = pattern_with_attention(n, chosen, rnn)
     result = {"layer_pattern": pattern, "attention_layers": chosen, "teacher_recall": teacher_recall,
               "teacher_general": teacher_general, "lengths": lengths, "layers": rows}
-    if args.save and parallel.is_rank0():
+    if args.save and parallel.is_rank0():  # selection.json last and atomically: it marks the sweep done
         os.makedirs(args.save, exist_ok=True)
-        with open(os.path.join(args.save, "selection.json"), "w") as f:
-            json.dump(result, f, indent=2)
         with open(os.path.join(args.save, "layer_pattern.txt"), "w") as f:
             f.write(pattern + "\n")
+        with open(done + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(done + ".tmp", done)
     if parallel.is_rank0():
         print(format_selection(result))
     return result
