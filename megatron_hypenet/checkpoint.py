@@ -30,7 +30,11 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from .config import MODEL_FILE, read_model_description, write_model_description
 
+log = logging.getLogger(__name__)
 
+TRACKER = "latest_checkpointed_iteration.txt"
+# test hook: =N exits mid-save of iteration N, before the rename (sync: tensors written; async: write in flight)
+TEST_DIE_IN_SAVE = "HYPENET_TEST_DIE_IN_SAVE"
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -49,12 +53,6 @@ def start_save_helper() -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-log = logging.getLogger(__name__)
-
-TRACKER = "latest_checkpointed_iteration.txt"
-# test hook: =N exits mid-save of iteration N, before the rename (sync: tensors written; async: write in flight)
-TEST_DIE_IN_SAVE = "HYPENET_TEST_DIE_IN_SAVE"
 
 
 class CheckpointError(RuntimeError):
