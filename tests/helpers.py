@@ -138,3 +138,20 @@ def megatron_greedy(model, prompt, steps: int):
     for _ in range(steps):
         seq = torch.cat([seq, model_logits(model, seq)[:, -1:].argmax(-1)], 1)
     return seq
+
+
+def check_hf_export(root: str, out: str, prompt, new_tokens: int):
+    """Exports the Megatron checkpoint `root` to the HF folder `out` and checks the folder against it: logits
+    within 1e-4 and a cached greedy generate() equal to megatron_greedy. Returns the loaded HF model."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_hypenet.convert import mcore_to_hf
+
+    mcore_to_hf(root, out, overwrite=True)
+    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    model, _ = load_model(root)
+    with torch.no_grad():
+        assert (hf(prompt).logits - model_logits(model, prompt)).abs().max() <= 1e-4
+        generated = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, megatron_greedy(model, prompt, new_tokens))
+    return hf

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import build_from_desc as _build
 from helpers import load_model as _load
-from helpers import megatron_greedy, perturb_norms, worker
+from helpers import check_hf_export, perturb_norms, worker
 from helpers import model_logits as _logits
 from megatron_hypenet import checkpoint, parallel
 from megatron_hypenet.config import make_config, model_description
@@ -104,15 +104,7 @@ def test_hf_round_trip_gives_transformers_logits(work):
 
 
 def test_hf_export_generate_equals_megatron_greedy(work):
-    out = str(work / "hybrid_hf")
-    mcore_to_hf(str(work / "hybrid"), out, overwrite=True)
-    hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    model, _ = _load(str(work / "hybrid"))
-    prompt = _tokens(n=9, batch=1)
-    with torch.no_grad():
-        assert (hf(prompt).logits - _logits(model, prompt)).abs().max() <= 1e-4
-        generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(generated, megatron_greedy(model, prompt, 12))
+    check_hf_export(str(work / "hybrid"), str(work / "hybrid_hf"), _tokens(n=9, batch=1), 12)
 
 
 def test_hype_query_scale_formula():
