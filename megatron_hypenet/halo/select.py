@@ -62,8 +62,6 @@ def choose_attention_layers(importance: Sequence[float], k: int, general: Sequen
 def run_select(args) -> dict:
     """The sweep; a --save folder that already holds its result is returned as it is (like a finished
     training stage), so a re-run recipe keeps the pattern its later stages trained with."""
-    parallel.initialize(args.tensor_model_parallel_size, 1, 1, seed=args.seed)
-    device = parallel.device()
     teacher_root, rnn_root = args.teacher, args.load
     if not teacher_root or not rnn_root:
         raise ValueError("--stage select needs --teacher <teacher ckpt> and --load <align ckpt>")
@@ -81,6 +79,8 @@ def run_select(args) -> dict:
         log.info("select: %s is already there (pattern %s); delete it to run the sweep again", done,
                  result["layer_pattern"])
         return result
+    parallel.initialize(args.tensor_model_parallel_size, 1, 1, seed=args.seed)
+    device = parallel.device()
     rnn = RNN_MIXERS[args.rnn_mixer]
     tokenizer = load_tokenizer(args.tokenizer or find_tokenizer(checkpoint.resolve(teacher_root)))
     lengths = args.select_lengths or [args.seq_length // 2, args.seq_length]
