@@ -13,14 +13,17 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
   files.
 - Without a `select` stage the main student takes `stages.distill.layer_pattern` (a fixed pattern).
-- `ablations: {name: {kind, options, reuse_align, layer_pattern}}`: student variants, each its own
+- `ablations: {name: {kind, options, reuse_align, layer_pattern, budget_scale}}`: student variants, each its own
   distill + finetune (and align unless `reuse_align`: true when `options` do not change what align
   trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main
   student. `options` are stage flags applied to the variant's align, distill and finetune;
   `layer_pattern` is `selected` (the main run's select result, the default), `even` (as many attention
   layers, evenly spaced; no select run) or a literal pattern. With `options.rnn_mixer` the recurrent
-  layers of the pattern take that mixer's letter (`config.RNN_MIXERS`). `kind: position` marks the ablations
-  the "HyPE beats its ablations" target compares with.
+  layers of the pattern take that mixer's letter (`config.RNN_MIXERS`). `budget_scale: k` multiplies the
+  `train_iters` of the HALO stages the variant trains (its align unless reused, distill, finetune): the same
+  student on k times the tokens. `kind: position` marks the ablations the "HyPE beats its ablations" target
+  compares with; the results page tabulates the loss gap against HALO tokens for the main run and the
+  `kind: budget` ones.
 - `eval`: `tasks` (needle, passkey), `needle_multipliers` (prompt lengths of every task, in training
   lengths), `needle_examples` (prompts per task and length), `loss_samples`, `batch_tokens` (tokens per
   evaluation forward), `decode_compile` (torch.compile backend of the decode-speed step; GPU only).
@@ -45,7 +48,7 @@ log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
 TEACHER, STUDENT = "teacher (Qwen3)", "student (HypeNet)"
-ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern"}
+ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern", "budget_scale"}
 HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
 RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
@@ -213,6 +216,17 @@ def check_ablations(ablations: dict) -> None:
             raise ValueError(f"ablation {name!r}: use letters, digits, '_' and '-' (it names folders)")
         if name in RESERVED_NAMES:  # hf_<name> and checkpoints/<name> would be the main run's folders
             raise ValueError(f"ablation {name!r}: the names {sorted(RESERVED_NAMES)} belong to the main run")
+        scale = spec.get("budget_scale", 1)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"ablation {name!r}: budget_scale must be a number > 0 (a multiple of the HALO "
+                             f"stages' train_iters), got {scale!r}")
+
+
+def scaled_stage(options: dict, scale: float) -> dict:
+    """A stage's options with its `train_iters` multiplied by `scale` (at least one iteration)."""
+    if scale == 1 or "train_iters" not in options:
+        return options
+    return {**options, "train_iters": max(1, round(options["train_iters"] * scale))}
 
 
 def read_metrics(save_dir: str) -> list:
@@ -393,27 +407,38 @@ def export(run: _Runner, checkpoint: str, out: str) -> None:
 def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
     """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
     options = dict(spec.get("options") or {})
+    scale = spec.get("budget_scale", 1)
     ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
     if spec.get("reuse_align"):
         align = run.ck("align")
     else:
         align = ck("align")
-        run(f"{name}/align", "align", {"teacher": teacher, "save": align, **stages.get("align", {}), **options})
+        run(f"{name}/align", "align", {"teacher": teacher, "save": align,
+                                       **scaled_stage(stages.get("align", {}), scale), **options})
     pattern = ablation_pattern(spec, selected)
     # the variant's pattern wins over a fixed `stages.distill.layer_pattern` of the main run
-    run(f"{name}/distill", "distill", {"teacher": teacher, "load": align, **stages.get("distill", {}), **options,
+    run(f"{name}/distill", "distill", {"teacher": teacher, "load": align,
+                                       **scaled_stage(stages.get("distill", {}), scale), **options,
                                        "layer_pattern": pattern, "save": ck("distill")})
     final = ck("distill")
     if "finetune" in stages:
-        run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"), **stages["finetune"], **options})
+        run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"),
+                                             **scaled_stage(stages["finetune"], scale), **options})
         final = ck("finetune")
     return {"kind": spec.get("kind"), "options": options, "reused_align": bool(spec.get("reuse_align")),
-            "layer_pattern": pattern, "checkpoint": final,
+            "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
+            "halo_tokens": variant_halo_tokens(run.tokens, name, bool(spec.get("reuse_align"))),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
 
 
 def _attention_layers(pattern: str) -> list:
     return [i for i, c in enumerate(pattern) if c == "A"]
+
+
+def variant_halo_tokens(tokens: dict, name: str, reused_align: bool) -> int:
+    """An ablation's HALO training tokens: its own stages, and the main run's align where it reused that."""
+    own = sum(tokens.get(f"{name}/{stage}", 0) for stage in HALO_STAGES)
+    return own + (tokens.get("align", 0) if reused_align else 0)
 
 
 def halo_budget(tokens: dict) -> dict:

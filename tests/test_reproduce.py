@@ -198,7 +198,7 @@ def test_ablations_train_what_they_declare(smoke):
     # reuse_align: no align of their own; nope_everywhere aligned its own RNN layers (no RoPE)
     assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
     assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
-    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True]
+    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True]
     assert not (work / "hf_broken").exists()
     assert yaml.safe_load((ck / "nope_everywhere" / "align" / "config.yaml").read_text())["no_lightning_rope"] is True
     assert "--load " + str(ck / "align") in next(c for c in report["commands"] if "rope_everywhere/distill" in c)
@@ -209,10 +209,13 @@ def test_token_budget_arithmetic(smoke):
     tokens = report["tokens"]
     for stage in ("pretrain", *HALO_STAGES):
         assert tokens[stage] == planned_tokens(recipe, stage)
-    for name in recipe["ablations"]:
-        assert tokens[f"{name}/distill"] == planned_tokens(recipe, "distill")
-        assert tokens[f"{name}/finetune"] == planned_tokens(recipe, "finetune")
+    for name, spec in recipe["ablations"].items():
+        scale = spec.get("budget_scale", 1)
+        assert tokens[f"{name}/distill"] == scale * planned_tokens(recipe, "distill")
+        assert tokens[f"{name}/finetune"] == scale * planned_tokens(recipe, "finetune")
     halo = sum(planned_tokens(recipe, s) for s in HALO_STAGES)
+    # budget_x2 reuses the main align and doubles distill and finetune
+    assert report["ablations"]["budget_x2"]["halo_tokens"] == halo + sum(planned_tokens(recipe, s) for s in HALO_STAGES[1:])
     budget = report["halo_budget"]
     assert budget["halo_tokens"] == halo and budget["teacher_tokens"] == planned_tokens(recipe, "pretrain")
     assert budget["percent_of_teacher"] == pytest.approx(100 * halo / planned_tokens(recipe, "pretrain"))
@@ -246,6 +249,10 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
         assert f"| {name} | {row['valid_loss']:.4f} |" in text
     assert f"**{report['halo_budget']['percent_of_teacher']:.2f}%**" in text
     assert "| broken | selection | - | failed: ValueError: layer_pattern 'AL'" in text
+    budget = report["ablations"]["budget_x2"]["halo_tokens"]
+    gap = report["models"]["budget_x2"]["valid_loss"] / report["models"][TEACHER]["valid_loss"] - 1
+    assert f"| budget_x2 | 2 | {budget:,} | {100 * budget / report['halo_budget']['teacher_tokens']:.2f} |" in text
+    assert f"| {gap:+.2%} |" in text
     assert (work / "results.md").read_text() == text  # the recipe wrote the same page
 
 
@@ -308,7 +315,9 @@ def test_gpu_recipe_sizes_and_budget():
     selected = "LLLALLLLLLAL"
     patterns = {name: ablation_pattern(spec, selected) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected,
-                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD"}
+                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD", "budget_x3": selected}
+    scale = recipe["ablations"]["budget_x3"]["budget_scale"]
+    assert 100 * scale * budget["halo_tokens"] / tokens["pretrain"] == pytest.approx(5.966, abs=1e-3)  # the yaml's note
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
 
 
@@ -359,6 +368,20 @@ def test_fixed_pattern_recipe_keeps_each_ablations_pattern(tmp_path):
     distills = [c for c in report["commands"] if c.startswith("python pretrain_hypenet.py --stage distill ")]
     assert [c.split("--layer-pattern ")[1].split()[0] for c in distills] == [main, other]
     assert not any("--stage select" in c for c in report["commands"])
+
+
+def test_budget_scale_multiplies_the_halo_iterations():
+    from megatron_hypenet.recipe import check_ablations, scaled_stage, variant_halo_tokens
+
+    assert scaled_stage({"train_iters": 7, "lr": 1e-3}, 3) == {"train_iters": 21, "lr": 1e-3}
+    assert scaled_stage({"train_iters": 3}, 0.1) == {"train_iters": 1}  # never zero iterations
+    assert scaled_stage({"num_attention_layers": 3}, 2) == {"num_attention_layers": 3}
+    tokens = {"align": 10, "distill": 20, "x/align": 30, "x/distill": 60, "x/finetune": 5}
+    assert variant_halo_tokens(tokens, "x", reused_align=False) == 95
+    assert variant_halo_tokens({**tokens, "x/align": 0}, "x", reused_align=True) == 75
+    for bad in (0, -1, "2", True):
+        with pytest.raises(ValueError, match="budget_scale must be a number > 0"):
+            check_ablations({"x": {"kind": "budget", "budget_scale": bad}})
 
 
 def test_ablation_names_of_the_main_run_are_refused():

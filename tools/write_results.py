@@ -67,6 +67,28 @@ def targets(report: dict) -> list:
     return out
 
 
+def budget_lines(report: dict) -> list:
+    """The loss gap to the teacher against the HALO tokens: the main run and the `kind: budget` ablations."""
+    variants = {name: a for name, a in report.get("ablations", {}).items()
+                if a.get("kind") == "budget" and name in report["models"]}
+    teacher_tokens = report["halo_budget"].get("teacher_tokens")
+    if not variants or not teacher_tokens:
+        return []
+    teacher_loss = report["models"][TEACHER]["valid_loss"]
+    rows = [(STUDENT, 1, report["halo_budget"]["halo_tokens"])]
+    rows += [(name, a["budget_scale"], a["halo_tokens"]) for name, a in variants.items()]
+    lines = ["", "## Held-out loss against the HALO budget", "",
+             "The same student (pattern, options) on a multiple of the main run's HALO iterations; issue #7's "
+             "budget is at most 2% of the teacher's tokens.", "",
+             "| model | budget scale | HALO tokens | % of the teacher's | held-out loss | vs teacher |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, scale, count in sorted(rows, key=lambda r: r[2]):
+        loss = report["models"][name]["valid_loss"]
+        lines.append(f"| {name} | {scale:g} | {count:,} | {100 * count / teacher_tokens:.2f} | {loss:.4f} | "
+                     f"{loss / teacher_loss - 1:+.2%} |")
+    return lines
+
+
 def _plt():
     import matplotlib
 
@@ -217,6 +239,8 @@ def markdown(report: dict, plots_link: str = "results") -> str:
                       f"**{percent:.2f}%** of the teacher's {teacher_tokens:,} (issue #7: at most 2%; "
                       f"{'within' if percent <= 2 else 'over'}). Each ablation is a separate experiment with its own "
                       f"rows above."]
+
+    lines += budget_lines(report)
 
     lines += ["", "## Plots", "", f"![loss curves per stage]({plots_link}/{PLOTS['loss']})", "",
               f"![accuracy vs length]({plots_link}/{PLOTS['accuracy']})", "",
