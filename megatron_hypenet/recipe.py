@@ -407,9 +407,9 @@ def export(run: _Runner, checkpoint: str, out: str) -> None:
 def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
     """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
     options = dict(spec.get("options") or {})
-    scale = spec.get("budget_scale", 1)
+    scale, reuse_align = spec.get("budget_scale", 1), bool(spec.get("reuse_align"))
     ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
-    if spec.get("reuse_align"):
+    if reuse_align:
         align = run.ck("align")
     else:
         align = ck("align")
@@ -425,9 +425,9 @@ def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str
         run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"),
                                              **scaled_stage(stages["finetune"], scale), **options})
         final = ck("finetune")
-    return {"kind": spec.get("kind"), "options": options, "reused_align": bool(spec.get("reuse_align")),
+    return {"kind": spec.get("kind"), "options": options, "reused_align": reuse_align,
             "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
-            "halo_tokens": variant_halo_tokens(run.tokens, name, bool(spec.get("reuse_align"))),
+            "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
 
 

@@ -104,14 +104,15 @@ def plot_loss_curves(report: dict, path: str) -> None:
     curves = report.get("loss_curves", {})
     panels = [s for s in STAGE_PANELS if any(k.split("/")[-1] == s for k in curves)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    runs = list(dict.fromkeys(key.split("/")[0] if "/" in key else "" for key in curves))
+    run_of = {key: key.split("/")[0] if "/" in key else "" for key in curves}  # "": the teacher and the main run
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    runs = list(dict.fromkeys(run_of.values()))
     color = {run: palette[i % len(palette)] for i, run in enumerate(runs)}  # a run keeps its colour in every panel
     for ax, stage in zip(axes[0], panels):
         for key, points in curves.items():
             if key.split("/")[-1] != stage or not points:
                 continue
-            run = key.split("/")[0] if "/" in key else ""
+            run = run_of[key]
             label = run or ("teacher" if stage == "pretrain" else "HypeNet (main)")
             x, y = zip(*points)
             ax.plot(x, y, label=label, color=color[run], linewidth=1.8 if not run else 1.0)
