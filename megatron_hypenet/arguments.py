@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rnn-mixer", choices=tuple(RNN_MIXERS), default="lightning",
                    help="the RNN mixer the stages put where they make layers RNN layers (align's all-RNN student, "
                         "select's pattern): lightning = 'L', gated_deltanet = 'D'")
+    g.add_argument("--align-init", choices=("calibrated", "copy"), default="calibrated",
+                   help="align: how the RNN mixers start from their attention layers. copy = the paper's (RNN head h "
+                        "from attention head h, output norm at 1); calibrated = on the first micro-batch, heads "
+                        "matched to the decays by attention span and the output norm scaled to the teacher's output "
+                        "(halo/calibrate.py)")
     g.add_argument("--num-attention-layers", type=int, default=None, help="select: layers kept as attention")
     g.add_argument("--attention-rope", action="store_true", help="RoPE in attention layers (ablation; HyPE: off)")
     g.add_argument("--attention-query-scale-base", type=float, default=256.0, help="HyPE a; <= 0 disables")

@@ -270,6 +270,15 @@ class HypeNetAttention(_Mixer):
 
     def core(self, qkv):
         s, b, _ = qkv.shape
+        # SDPA wants [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in self.heads(qkv))
+        o = cp_attention(q, k, v, self.head_dim**-0.5)
+        return o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+
+    def heads(self, qkv):
+        """q, k, v [s, b, local heads, d] as attention sees them: QK-norm, position encoding, K/V repeated from
+        their GQA groups to every query head (portable across torch versions, unlike SDPA's own GQA)."""
+        s, b, _ = qkv.shape
         per_group = self.local_heads // self.local_groups
         qkv = qkv.view(s, b, self.local_groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(s, b, self.local_heads, self.head_dim)
@@ -281,12 +290,7 @@ class HypeNetAttention(_Mixer):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.config.attention_query_scale_base is not None:
             q = q * query_scale(pos, self.config.attention_query_scale_base)[:, None, None, None].to(q.dtype)
-        # SDPA wants [b, h, s, d]; GQA by repeating KV heads keeps it portable across torch versions.
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))
-        k = k.repeat_interleave(per_group, dim=1)
-        v = v.repeat_interleave(per_group, dim=1)
-        o = cp_attention(q, k, v, self.head_dim**-0.5)
-        return o.permute(2, 0, 1, 3).reshape(s, b, self.local_heads * self.head_dim)
+        return q, k.repeat_interleave(per_group, dim=2), v.repeat_interleave(per_group, dim=2)
 
 
 class _ShardedVector(torch.nn.Module):

@@ -292,6 +292,7 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         args.data_path, args.seq_length, args.seed, args.train_iters * global_batch,
         valid_samples=max(1, args.eval_iters * args.micro_batch_size), tokenizer_dir=tokenizer_dir, split=args.split)
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     # Resume from --save (same stage) or initialise from --load/--teacher.
     start, consumed, bad_steps = 0, 0, 0
     resume = args.save and not args.no_resume and checkpoint.latest_iteration(args.save) is not None
@@ -306,7 +307,13 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         set_rng_state(state["rng"])
         log.info("resumed %s at iteration %d from %s", args.stage, start, path)
     else:
-        stage.initialise()
+        # the first micro-batch of the run (of data-parallel rank 0, the same on every rank): the stage's
+        # initialisation may calibrate on it (align, halo/calibrate.py); the first step trains on it anyway
+        first = make_dataloader(train_ds, args.micro_batch_size, 0, args.seed)
+        calibration = [parallel.local_batch(next(iter(first)), device)]
+        stage.initialise(lambda: pipeline.run(stage.chunks, calibration, args.seq_length,
+                                              args.micro_batch_size * stage.stacked, forward_only=True,
+                                              autocast=autocast, whole_model_loss=stage.loss))
     if args.zero_stage == 3:  # DeepSpeed takes over the student's parameters and AdamW from here (zero3.py)
         optimizer = zero3.ZeroOptimizer(args, stage, optimizer, resume_from=path if resume else None)
     if args.save:
@@ -323,7 +330,6 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     saves = checkpoint.AsyncSaves()  # --async-save: checkpoints written while training goes on
     last_loss, stopped = float("nan"), False
     tokens_per_iter = global_batch * args.seq_length
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     bar = tqdm(range(start, args.train_iters), desc=args.stage, initial=start, total=args.train_iters,
                disable=args.no_progress or not parallel.is_rank0())
     for model in student:

@@ -77,7 +77,8 @@ def assert_same_curve(ref, out):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=REL), (a, b)
 
 
-@pytest.mark.parametrize("stage, layout", [("pretrain", "pp2_vpp2"), ("align", "pp2"), ("distill", "pp2"),
+@pytest.mark.parametrize("stage, layout", [("pretrain", "pp2_vpp2"), ("align", "pp2"), ("align", "dp2_distopt"),
+                                           ("distill", "pp2"),
                                            ("distill", "pp2_vpp2"), ("pretrain", "dp2_distopt"),
                                            ("distill", "pp2_vpp2_distopt")])
 def test_parallel_layout_reproduces_one_process(work, stage, layout):

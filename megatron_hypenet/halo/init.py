@@ -1,7 +1,8 @@
-"""HALO weight initialisation and composition, on each rank's local TP shards (no communication).
+"""HALO weight initialisation and composition, on each rank's local TP shards.
 
 - `init_student_from_teacher`: every RNN mixer (Lightning or Gated DeltaNet) of the student starts from its
-  teacher attention layer (q/k/v/o and q/k-norm; K/V repeated to one head per query head); all other
+  teacher attention layer (q/k/v/o and q/k-norm; K/V repeated to one head per query head; heads in the
+  teacher's order, or in an order calibrate.py matched to the decays, which needs a TP gather); all other
   weights are copied; gates keep their random init, output norms start at 1, short convs at the identity,
   Gated DeltaNet's decay and beta parameters at their construction init (layers.GatedDeltaNet).
 - `load_hybrid`: a student of any layer pattern built from two checkpoints: the teacher's (attention
@@ -9,6 +10,7 @@
 """
 
 import re
+from typing import Dict, Optional
 
 import torch
 from megatron.core import dist_checkpointing
@@ -21,8 +23,32 @@ from ..qwen3_mapping import attention_to_lightning_qkv
 MIXER_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attention\.")
 
 
+def _gather_tp(weight: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """A TP-sharded weight, whole (shards are consecutive slices along `dim`)."""
+    if group is None or group.size() == 1:
+        return weight
+    parts = [torch.empty_like(weight) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, weight.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reordered_heads(s_mix, t_mix, order: list):
+    """The RNN mixer's local fused QKV and output projection when its head p (global) starts from teacher
+    head order[p]: the teacher's whole weights are gathered over TP, since a head may come from another rank."""
+    H, D, group = len(order), t_mix.head_dim, t_mix.tp_group
+    G = t_mix.local_groups * t_mix.tp_size
+    qkv = attention_to_lightning_qkv(_gather_tp(t_mix.linear_qkv.weight, 0, group), H, G, D)
+    proj = _gather_tp(t_mix.linear_proj.weight, 1, group)
+    local = slice(s_mix.tp_rank * s_mix.local_heads, (s_mix.tp_rank + 1) * s_mix.local_heads)
+    qkv = qkv.view(H, 3 * D, -1)[order][local].reshape(-1, qkv.shape[-1])
+    proj = proj.view(proj.shape[0], H, D)[:, order][:, local].reshape(proj.shape[0], -1)
+    return qkv, proj
+
+
 @torch.no_grad()
-def init_student_from_teacher(student, teacher) -> None:
+def init_student_from_teacher(student, teacher, head_orders: Optional[Dict[int, list]] = None) -> None:
+    """`head_orders` ({global layer number: order}, calibrate.head_orders) starts RNN head p of a layer from
+    teacher head order[p]; without it head p starts from head p (the paper's initialisation)."""
     t_layers = {layer.layer_number: layer for layer in teacher.decoder.layers}
     for s_layer in student.decoder.layers:
         t_layer = t_layers[s_layer.layer_number]
@@ -39,9 +65,14 @@ def init_student_from_teacher(student, teacher) -> None:
                 f"lightning_head_dim == kv_channels; got {s_mix.local_heads} vs {t_mix.local_heads} local heads, "
                 f"head dim {s_mix.head_dim} vs {t_mix.head_dim}"
             )
-        s_mix.linear_qkv.weight.copy_(attention_to_lightning_qkv(
-            t_mix.linear_qkv.weight, t_mix.local_heads, t_mix.local_groups, t_mix.head_dim))
-        s_mix.linear_proj.weight.copy_(t_mix.linear_proj.weight)
+        if head_orders is not None and s_layer.layer_number in head_orders:
+            qkv, proj = _reordered_heads(s_mix, t_mix, head_orders[s_layer.layer_number])
+        else:
+            qkv = attention_to_lightning_qkv(t_mix.linear_qkv.weight, t_mix.local_heads, t_mix.local_groups,
+                                             t_mix.head_dim)
+            proj = t_mix.linear_proj.weight
+        s_mix.linear_qkv.weight.copy_(qkv)
+        s_mix.linear_proj.weight.copy_(proj)
         if hasattr(s_mix, "q_layernorm"):
             s_mix.q_layernorm.weight.copy_(t_mix.q_layernorm.weight)
             s_mix.k_layernorm.weight.copy_(t_mix.k_layernorm.weight)

@@ -27,6 +27,7 @@ from ..config import ATTENTION, RNN_MIXERS, config_from_description, model_descr
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
 from ..pipeline import PipelineChunk, stage_output
+from .calibrate import calibrate_student
 from .init import freeze_all_but_mixers, init_student_from_teacher, load_hybrid
 
 
@@ -114,7 +115,8 @@ class StageModels:
     desc: dict  # the student's model description (saved with its checkpoints)
     teacher: Optional[List[torch.nn.Module]]  # the frozen teacher's chunks, same stage placement
     trainable: List[torch.nn.Parameter]
-    initialise: Callable[[], None]  # run when not resuming
+    # run when not resuming; its argument runs the stage forward-only on its first micro-batch (calibration)
+    initialise: Callable[[Callable[[], None]], None]
     chunks: List[PipelineChunk]  # what the pipeline schedule runs
     stacked: int = 1  # hidden states per sequence sent between stages (distill: student and teacher)
 
@@ -177,7 +179,7 @@ def build_stage(args) -> StageModels:
     if stage in ("pretrain", "finetune"):
         desc = read_model_description(checkpoint.resolve(args.load))
         student, desc = build_chunks(desc, args)
-        init = lambda: checkpoint.load_checkpoint(args.load, student, desc, load_state=False)  # noqa: E731
+        init = lambda forward: checkpoint.load_checkpoint(args.load, student, desc, load_state=False)  # noqa: E731
         return _stage(student, desc, None, _params(student), init, _ce_step(args))
 
     teacher, t_desc = _load_teacher(args)
@@ -186,10 +188,12 @@ def build_stage(args) -> StageModels:
         student, desc = build_chunks(t_desc, args, **student_fields(args, align_pattern(args, n_layers)))
         trainable = [p for s in student for p in freeze_all_but_mixers(s)]
 
-        def init():
+        def init(forward):
             for s, t in zip(student, teacher):
                 init_student_from_teacher(s, t)
                 _draw_gates(s, args.seed)
+            if args.align_init == "calibrated":
+                calibrate_student(student, teacher, forward)
 
         return _stage(student, desc, teacher, trainable, init, _align_step)
 
@@ -199,7 +203,7 @@ def build_stage(args) -> StageModels:
             raise ValueError("--stage distill needs --layer-pattern (a string or the select stage's layer_pattern.txt)")
         student, desc = build_chunks(t_desc, args, **student_fields(args, pattern))
 
-        def init():
+        def init(forward):
             if not args.load:
                 raise ValueError("--stage distill needs --load <align checkpoint> to take the RNN mixers from")
             load_desc = read_model_description(checkpoint.resolve(args.load))
