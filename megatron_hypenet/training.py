@@ -307,13 +307,19 @@ def _train(args, preempt: PreemptionFlag) -> dict:
         set_rng_state(state["rng"])
         log.info("resumed %s at iteration %d from %s", args.stage, start, path)
     else:
-        # the first micro-batch of the run (of data-parallel rank 0, the same on every rank): the stage's
-        # initialisation may calibrate on it (align, halo/calibrate.py); the first step trains on it anyway
-        first = make_dataloader(train_ds, args.micro_batch_size, 0, args.seed)
-        calibration = [parallel.local_batch(next(iter(first)), device)]
-        stage.initialise(lambda: pipeline.run(stage.chunks, calibration, args.seq_length,
-                                              args.micro_batch_size * stage.stacked, forward_only=True,
-                                              autocast=autocast, whole_model_loss=stage.loss))
+        calibration = []
+
+        def forward_first_micro_batch():
+            """The stage forward-only on the run's first micro-batch (of data-parallel rank 0, the same on every
+            rank), which the first step trains on anyway: what align's calibrated init measures
+            (halo/calibrate.py). Read from the data only when a stage's initialisation asks for it."""
+            if not calibration:
+                first = make_dataloader(train_ds, args.micro_batch_size, 0, args.seed)
+                calibration.append(parallel.local_batch(next(iter(first)), device))
+            pipeline.run(stage.chunks, calibration, args.seq_length, args.micro_batch_size * stage.stacked,
+                         forward_only=True, autocast=autocast, whole_model_loss=stage.loss)
+
+        stage.initialise(forward_first_micro_batch)
     if args.zero_stage == 3:  # DeepSpeed takes over the student's parameters and AdamW from here (zero3.py)
         optimizer = zero3.ZeroOptimizer(args, stage, optimizer, resume_from=path if resume else None)
     if args.save:

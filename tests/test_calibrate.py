@@ -94,7 +94,13 @@ def test_calibrated_init_permutes_heads_by_span_and_matches_output_rms(work):
     copied = {layer.layer_number: (layer.self_attention.linear_qkv.weight.clone(),
                                    layer.self_attention.linear_proj.weight.clone())
               for layer in stage.student[0].decoder.layers}
-    orders, scales = calibrate.calibrate_student(stage.student, stage.teacher, forward)
+    from megatron_hypenet.halo.init import init_student_from_teacher
+
+    def copy_teacher(head_orders):
+        for student, teacher in zip(stage.student, stage.teacher):
+            init_student_from_teacher(student, teacher, head_orders)
+
+    orders, scales = calibrate.calibrate_student(stage.student, stage.teacher, forward, copy_teacher)
 
     # the order follows spans measured independently, on the HF teacher's attention probabilities
     hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), attn_implementation="eager").eval()

@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 from kernels import lightning_slopes
 
 from ..layers import HypeNetAttention, RNNMixer, _cp_group
-from .init import init_student_from_teacher
+from .init import gather_cat
 
 log = logging.getLogger("megatron_hypenet")
 
@@ -78,23 +78,12 @@ def _sum_over_data(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _gather_heads(t: torch.Tensor, group) -> torch.Tensor:
-    """This rank's heads' values [local] -> every head's [global] (TP ranks hold consecutive heads)."""
-    if group is None or group.size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(group.size())]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
-
-
 def _gather_keys(k: torch.Tensor) -> torch.Tensor:
     """Keys of every earlier context-parallel chunk and this one, [S, b, h, d]."""
     group = _cp_group()
     if group is None:
         return k
-    parts = [torch.empty_like(k) for _ in range(group.size())]
-    dist.all_gather(parts, k.contiguous(), group=group)
-    return torch.cat(parts[: group.rank() + 1])
+    return gather_cat(k, 0, group)[: (group.rank() + 1) * k.shape[0]]
 
 
 def teacher_head_spans(teachers, forward: Callable[[], None]) -> Dict[int, torch.Tensor]:
@@ -123,7 +112,8 @@ def teacher_head_spans(teachers, forward: Callable[[], None]) -> Dict[int, torch
             n, mixer = layer.layer_number, layer.self_attention
             total = torch.cat([sums[n], torch.tensor([float(counts[n])], dtype=torch.float64, device=sums[n].device)])
             total = _sum_over_data(total)
-            spans[n] = _gather_heads((total[:-1] / total[-1]).float(), mixer.tp_group).cpu()
+            # TP ranks hold consecutive heads
+            spans[n] = gather_cat((total[:-1] / total[-1]).float(), 0, mixer.tp_group).cpu()
     return spans
 
 
@@ -186,12 +176,14 @@ def describe(orders: Dict[int, list], scales: Dict[int, torch.Tensor]) -> str:
     return "\n".join(lines)
 
 
-def calibrate_student(students, teachers, forward: Callable[[], None]) -> tuple:
-    """Re-initialises the (copy-initialised) RNN mixers of `students` in span order, then scales their output
-    norms; `forward` runs the align stage forward-only on its first micro-batch. Returns (orders, scales)."""
+def calibrate_student(students, teachers, forward: Callable[[], None],
+                      copy_teacher: Callable[[Dict[int, list]], None]) -> tuple:
+    """The calibrated init: measures the head orders, has `copy_teacher(orders)` initialise the students from the
+    teachers in that order, then scales their output norms. `forward` runs the align stage forward-only on its
+    first micro-batch (the first time on a student not yet initialised: only the teacher's attention is read).
+    Returns (orders, scales)."""
     orders = head_orders(teachers, students[0].config.lightning_num_heads, forward)
-    for student, teacher in zip(students, teachers):
-        init_student_from_teacher(student, teacher, orders)
+    copy_teacher(orders)
     scales = output_scales(students, teachers, forward)
     apply_output_scales(students, scales)
     # one log per pipeline stage (its layers)

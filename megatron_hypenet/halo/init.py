@@ -23,12 +23,13 @@ from ..qwen3_mapping import attention_to_lightning_qkv
 MIXER_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attention\.")
 
 
-def _gather_tp(weight: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """A TP-sharded weight, whole (shards are consecutive slices along `dim`)."""
+def gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """Every rank's `t` of `group`, concatenated along `dim` in rank order (no autograd): a TP-sharded weight
+    whole, the heads of all TP ranks, the keys of all CP chunks."""
     if group is None or group.size() == 1:
-        return weight
-    parts = [torch.empty_like(weight) for _ in range(group.size())]
-    torch.distributed.all_gather(parts, weight.contiguous(), group=group)
+        return t
+    parts = [torch.empty_like(t) for _ in range(group.size())]
+    torch.distributed.all_gather(parts, t.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
 
 
@@ -37,8 +38,8 @@ def _reordered_heads(s_mix, t_mix, order: list):
     head order[p]: the teacher's whole weights are gathered over TP, since a head may come from another rank."""
     H, D, group = len(order), t_mix.head_dim, t_mix.tp_group
     G = t_mix.local_groups * t_mix.tp_size
-    qkv = attention_to_lightning_qkv(_gather_tp(t_mix.linear_qkv.weight, 0, group), H, G, D)
-    proj = _gather_tp(t_mix.linear_proj.weight, 1, group)
+    qkv = attention_to_lightning_qkv(gather_cat(t_mix.linear_qkv.weight, 0, group), H, G, D)
+    proj = gather_cat(t_mix.linear_proj.weight, 1, group)
     local = slice(s_mix.tp_rank * s_mix.local_heads, (s_mix.tp_rank + 1) * s_mix.local_heads)
     qkv = qkv.view(H, 3 * D, -1)[order][local].reshape(-1, qkv.shape[-1])
     proj = proj.view(proj.shape[0], H, D)[:, order][:, local].reshape(proj.shape[0], -1)

@@ -188,12 +188,16 @@ def build_stage(args) -> StageModels:
         student, desc = build_chunks(t_desc, args, **student_fields(args, align_pattern(args, n_layers)))
         trainable = [p for s in student for p in freeze_all_but_mixers(s)]
 
-        def init(forward):
+        def copy_teacher(head_orders=None):
             for s, t in zip(student, teacher):
-                init_student_from_teacher(s, t)
+                init_student_from_teacher(s, t, head_orders)
                 _draw_gates(s, args.seed)
+
+        def init(forward):
             if args.align_init == "calibrated":
-                calibrate_student(student, teacher, forward)
+                calibrate_student(student, teacher, forward, copy_teacher)
+            else:
+                copy_teacher()
 
         return _stage(student, desc, teacher, trainable, init, _align_step)
 
