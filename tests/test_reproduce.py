@@ -315,12 +315,12 @@ def test_gpu_recipe_sizes_and_budget():
     selected = "LLLALLLLLLAL"
     patterns = {name: ablation_pattern(spec, selected) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected,
-                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD", "copy_init": selected}
+                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD"}
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
-    # the main student aligns with the calibrated init (the default), the copy_init ablation with the paper's
+    # the main student aligns with the calibrated init (the default); every stage that builds the student gives
+    # it the short conv (a checkpoint of the other kind would be refused at the next stage)
     assert "align_init" not in recipe["stages"]["align"]
-    assert recipe["ablations"]["copy_init"]["options"] == {"align_init": "copy"}
-    assert not recipe["ablations"]["copy_init"].get("reuse_align")
+    assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", *HALO_STAGES[1:]))
 
 
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
