@@ -324,7 +324,8 @@ def test_gpu_recipe_sizes_and_budget():
 
 
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
-                                  os.path.join(ROOT, "examples", "calibration_proxy.yaml")])
+                                  os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
+                                  os.path.join(ROOT, "examples", "budget_proxy.yaml")])
 def test_gpu_recipe_flags_parse(path):
     """Every stage's flags (with each ablation's options) are pretrain_hypenet.py flags."""
     from megatron_hypenet.arguments import build_parser, parse_args
