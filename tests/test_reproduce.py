@@ -320,7 +320,7 @@ def test_gpu_recipe_sizes_and_budget():
     # the main student aligns with the calibrated init (the default); every stage that builds the student gives
     # it the short conv (a checkpoint of the other kind would be refused at the next stage)
     assert "align_init" not in recipe["stages"]["align"]
-    assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", *HALO_STAGES[1:]))
+    assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
 
 
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
