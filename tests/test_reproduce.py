@@ -317,8 +317,9 @@ def test_gpu_recipe_sizes_and_budget():
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected,
                         "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD"}
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
-    # the main student aligns with the calibrated init (the default); every stage that builds the student gives
-    # it the short conv (a checkpoint of the other kind would be refused at the next stage)
+    # the main student aligns with the calibrated init (the default). Align and distill build the student with the
+    # short conv (distill refuses an align checkpoint of the other kind); select and finetune take the architecture
+    # from their --load checkpoint and carry the flag so that their command lines say what the model is
     assert "align_init" not in recipe["stages"]["align"]
     assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
 
