@@ -26,7 +26,9 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   `kind: budget` ones.
 - `eval`: `tasks` (needle, passkey), `needle_multipliers` (prompt lengths of every task, in training
   lengths), `needle_examples` (prompts per task and length), `loss_samples`, `batch_tokens` (tokens per
-  evaluation forward), `decode_compile` (torch.compile backend of the decode-speed step; GPU only).
+  evaluation forward), `long_loss_windows` (held-out windows of the longest prompt length whose loss is
+  reported by position, `loss@Mx`: the tokens past the previous length up to M training lengths; needs
+  `data.local_corpus`), `decode_compile` (torch.compile backend of the decode-speed step; GPU only).
 """
 
 import datetime
@@ -293,6 +295,11 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
     check_ablations(ablations)
     t_start = time.time()
     teacher_hf, prefix = _prepare_teacher_and_data(recipe, work)
+    heldout = local_corpus_paths(work)["heldout"] if "local_corpus" in recipe.get("data", {}) else None
+    if recipe.get("eval", {}).get("long_loss_windows"):  # too little held-out text fails now, not after training
+        from transformers import AutoTokenizer
+
+        _long_loss_windows(recipe, heldout, AutoTokenizer.from_pretrained(teacher_hf))
 
     from megatron_hypenet.convert import hf_to_mcore
 
@@ -336,7 +343,6 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
             variants[name] = {"kind": spec.get("kind"), "options": spec.get("options") or {},
                               "error": f"{type(err).__name__}: {err}"}
 
-    heldout = local_corpus_paths(work)["heldout"] if "local_corpus" in recipe.get("data", {}) else None
     if command is None:
         command = " ".join(["python tools/halo.py --recipe", path] + (["--work-dir", work_dir] if work_dir else []))
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -479,9 +485,30 @@ def _loss_batches(recipe: dict, prefix: str, heldout: Optional[str], tok, batch_
     return list(itertools.islice(make_dataloader(valid, batch_size, 0, 0), math.ceil(samples / batch_size)))
 
 
+def _long_loss_windows(recipe: dict, heldout: Optional[str], tok) -> Optional[tuple]:
+    """(windows, buckets) of `eval.long_loss_windows`: held-out windows as long as the longest prompt and the
+    position buckets [0, m1 N), [m1 N, m2 N), ... of the multipliers; None when the recipe asks for none."""
+    from tools.eval_long_context import bucket_bounds, read_texts, token_windows
+
+    ev = recipe.get("eval", {})
+    num = ev.get("long_loss_windows", 0)
+    if not num:
+        return None
+    if not heldout:
+        raise ValueError("eval.long_loss_windows scores held-out files: the recipe needs data.local_corpus")
+    train_len, multipliers = recipe["common"]["seq_length"], ev.get("needle_multipliers", [1, 4])
+    length = train_len * max(multipliers)  # predicted positions 1 .. length - 1: every one falls in a bucket
+    windows = token_windows(tok, read_texts(heldout), length, num)
+    if len(windows) < num:
+        raise ValueError(f"eval.long_loss_windows {num}: the held-out files hold only {len(windows)} windows of "
+                         f"{length} tokens; lower it or raise data.local_corpus's max_bytes or heldout_fraction")
+    return windows, bucket_bounds(train_len, sorted(multipliers))
+
+
 def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional[str] = None) -> dict:
     """Loads each exported HF folder with transformers (bf16 on GPU, fp32 on CPU) and scores it on held-out
-    data (loss) and retrieval (exact match at each length); every model sees the same prompts."""
+    data (loss at the training length, and by position over longer windows when the recipe asks) and
+    retrieval (exact match at each length); every model sees the same prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_hypenet.retrieval import (
@@ -491,6 +518,7 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
         make_passkey_examples,
         retrieval_accuracy,
     )
+    from tools.eval_long_context import evaluate_perplexity
 
     ev = recipe.get("eval", {})
     train_len = recipe["common"]["seq_length"]
@@ -508,6 +536,7 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
     extra = {"filler": filler} if filler else {}
     examples = {(task, m): makers[task](tok, train_len * m, num, seed=7, **extra)
                 for task in tasks for m in multipliers}
+    long_loss = _long_loss_windows(recipe, heldout, tok)
     models, parameters, errors = {}, {}, {}
     for name, folder in exports.items():
         try:
@@ -517,6 +546,10 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
             row = {"valid_loss": lm_loss(logits_fn, batches)}
             for (task, m), prompts in examples.items():
                 row[f"{task}@{m}x"], _ = retrieval_accuracy(logits_fn, prompts, max(1, batch_tokens // (train_len * m)))
+            if long_loss:
+                windows, buckets = long_loss  # HypeNet prefills in chunks of the training length, as in decoding
+                nll = evaluate_perplexity(model, windows, buckets, train_len)["nll"]
+                row.update({f"loss@{hi // train_len}x": x for (_, hi), x in zip(buckets, nll)})
             models[name] = row
             log.info("evaluated %s: %s", name, row)
         except Exception as err:  # noqa: BLE001  (an ablation's failure is reported; the main models' is fatal)
@@ -530,6 +563,8 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
             torch.cuda.empty_cache()
     return {"models": models, "parameters": parameters, "eval_errors": errors, "tasks": tasks, "multipliers": multipliers,
             "needle_examples": num,
+            "long_loss": ({"windows": len(long_loss[0]), "window_tokens": len(long_loss[0][0])}
+                          if long_loss else None),
             "loss_tokens": sum(int(b["loss_mask"].sum()) if isinstance(b, dict) else b[:, 1:].numel() for b in batches),
             "haystack": "held-out files of the local corpus" if heldout else "synthetic corpus prose",
             "eval_dtype": str(dtype).replace("torch.", ""), "eval_device": device.type}

@@ -73,22 +73,20 @@ def sync_grads(model) -> None:
 
 def clip_grad_norm(params, max_norm: float) -> float:
     """Global grad norm over the model-parallel group, counting TP-replicated params once and a tied
-    embedding once (megatron marks the last stage's copy `shared`)."""
+    embedding once (megatron marks the last stage's copy `shared`). Computed where the gradients are, with
+    one host sync: a sync per parameter stalls a GPU that small models keep waiting on the host anyway."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if getattr(p, "shared", False):
-            continue
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+    counted = [p.grad.detach() for p in params if p.grad is not None and not getattr(p, "shared", False)
+               and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0)]
+    sq = torch.zeros((), dtype=torch.float64, device=parallel.device())
+    if counted:
+        sq += torch.nn.utils.get_total_norm(counted).double() ** 2
     mp_group = parallel_state.get_model_parallel_group()
     if mp_group.size() > 1:
         dist.all_reduce(sq, group=mp_group)
     norm = float(sq.sqrt())
     if max_norm and math.isfinite(norm) and norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))  # x max_norm / (norm + 1e-6)
     return norm
 
 

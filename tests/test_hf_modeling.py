@@ -160,7 +160,7 @@ def test_cached_greedy_generate_matches_full_forwards(hybrid):
     for mixer, layer in zip(cfg.layer_pattern, cache.layers):
         if mixer == "L":
             assert layer.recurrent_state.shape == (1, H, D, D) and layer.recurrent_state.dtype == torch.float32
-            assert {n: tuple(t.shape) for n, t in layer.conv_states.items()} == {n: (1, K - 1, H * D) for n in "qkv"}
+            assert layer.conv_state.shape == (1, K - 1, 3 * H * D)  # q, k and v side by side
         else:
             assert layer.keys.shape == (1, cfg.num_key_value_heads, seq.shape[1] - 1, cfg.head_dim)
 
@@ -438,14 +438,13 @@ def test_decode_updates_conv_tails_in_place(hybrid):
     with torch.no_grad():
         cache = model(ids[:, :8]).past_key_values
         lightning = [c for m, c in zip(model.config.layer_pattern, cache.layers) if m == "L"]
-        before = [{n: t.data_ptr() for n, t in c.conv_states.items()} for c in lightning]
+        before = [c.conv_state.data_ptr() for c in lightning]
         model(ids[:, 8:], past_key_values=cache)
         fresh = model(ids).past_key_values
     fresh_lightning = [c for m, c in zip(model.config.layer_pattern, fresh.layers) if m == "L"]
     for c, ptrs, f in zip(lightning, before, fresh_lightning):
-        assert {n: t.data_ptr() for n, t in c.conv_states.items()} == ptrs
-        for n in "qkv":
-            assert torch.allclose(c.conv_states[n], f.conv_states[n], atol=1e-6)
+        assert c.conv_state.data_ptr() == ptrs
+        assert torch.allclose(c.conv_state, f.conv_state, atol=1e-6)
 
 
 def test_bench_decode_step_runs_gated_deltanet_layers_as_hf_does():

@@ -178,3 +178,30 @@ def test_hf_folder_missing_a_tensor_is_refused(work, tmp_path):
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks 1 tensors"):
         hf_to_mcore(str(broken), str(tmp_path / "out"))
+
+
+def test_clip_grad_norm_matches_torch_and_skips_the_shared_copy():
+    """The trainer's norm and clipping equal torch's on one process; a tied embedding's second copy
+    (`shared`) is left out of the norm but clipped with the rest."""
+    from megatron_hypenet.training import clip_grad_norm
+
+    parallel.initialize(1, 1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 50, 7)]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        reference = [p.grad.clone() for p in params]
+        expected = torch.nn.utils.get_total_norm(reference).item()
+        shared = torch.nn.Parameter(torch.zeros(4))
+        shared.grad, shared.shared = torch.full((4,), 100.0), True
+        assert clip_grad_norm(params + [shared], 0.0) == pytest.approx(expected, rel=1e-6)  # 0: no clipping
+        assert all(torch.equal(p.grad, r) for p, r in zip(params, reference))
+        assert clip_grad_norm(params + [shared], 1.0) == pytest.approx(expected, rel=1e-6)
+        scale = 1.0 / (expected + 1e-6)
+        for p, r in zip(params, reference):
+            assert torch.allclose(p.grad, r * scale, rtol=1e-6)
+        assert torch.allclose(shared.grad, torch.full((4,), 100.0 * scale))
+        assert torch.nn.utils.get_total_norm([p.grad for p in params]).item() == pytest.approx(1.0, rel=1e-5)
+    finally:
+        parallel.destroy()

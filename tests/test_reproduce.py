@@ -150,11 +150,13 @@ def test_report_has_every_model_length_and_task(smoke):
     names = [TEACHER, STUDENT, *recipe["ablations"]]
     assert list(report["models"]) == names
     ev = recipe["eval"]
-    cols = {"valid_loss"} | {f"{t}@{m}x" for t in ev["tasks"] for m in ev["needle_multipliers"]}
+    accuracies = {f"{t}@{m}x" for t in ev["tasks"] for m in ev["needle_multipliers"]}
+    losses = {"valid_loss"} | {f"loss@{m}x" for m in ev["needle_multipliers"]}
     for row in report["models"].values():
-        assert set(row) == cols
-        assert 0 < row["valid_loss"] < 10
-        assert all(row[c] in {i / ev["needle_examples"] for i in range(ev["needle_examples"] + 1)} for c in cols - {"valid_loss"})
+        assert set(row) == accuracies | losses
+        assert all(0 < row[c] < 10 for c in losses)
+        assert all(row[c] in {i / ev["needle_examples"] for i in range(ev["needle_examples"] + 1)} for c in accuracies)
+    assert report["long_loss"] == {"windows": ev["long_loss_windows"], "window_tokens": 128 * 2}
     assert report["haystack"] == "held-out files of the local corpus"
     assert report["loss_tokens"] == ev["loss_samples"] * recipe["common"]["seq_length"]
     if torch.cuda.is_available():
@@ -277,6 +279,55 @@ def test_targets_follow_the_numbers(smoke):
     assert [t["met"] for t in targets(r)] == [False, False, False]
     del r["ablations"]["nope_everywhere"]
     assert targets(r)[2]["met"] is None  # one position ablation cannot be "both"
+
+
+def test_loss_by_position_splits_the_windows_loss(smoke):
+    """loss@1x and loss@2x of the student (predicted positions 1-127 and 128-255 of 256-token windows) are the
+    two parts of one loss: weighted by their token counts they
+    give the plain HF forward's mean loss over the same held-out windows (HypeNet prefilled in chunks of the
+    training length there, a single forward here)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_hypenet.retrieval import lm_loss
+    from tools.eval_long_context import read_texts, token_windows
+
+    work, report, recipe = smoke
+    folder = str(work / "hf_student")
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    windows = token_windows(AutoTokenizer.from_pretrained(folder), read_texts(str(work / "corpus" / "heldout.jsonl")),
+                            2 * 128, recipe["eval"]["long_loss_windows"])
+    whole = lm_loss(lambda ids: model(input_ids=ids, use_cache=False).logits, [torch.tensor(windows)])
+    row = report["models"][STUDENT]
+    assert (127 * row["loss@1x"] + 128 * row["loss@2x"]) / 255 == pytest.approx(whole, rel=1e-4)
+    assert row["loss@1x"] != pytest.approx(row["loss@2x"], rel=1e-3)  # two different halves, not one number twice
+
+
+def test_loss_by_position_section_and_too_little_heldout_text(smoke, tmp_path):
+    from tools.write_results import markdown
+
+    work, report, recipe = smoke
+    r = copy.deepcopy(report)
+    r["multipliers"] = [1, 2, 4, 8]
+    for name, row in r["models"].items():
+        row.update({f"loss@{m}x": 3.0 for m in (4, 8)})
+        row.update({f"{t}@{m}x": 0.0 for t in r["tasks"] for m in (4, 8)})
+    r["models"][STUDENT].update({"loss@4x": 2.9, "loss@8x": 2.95})
+    text = markdown(r)
+    assert "## Held-out loss by position" in text and "positions [0, 128), [128, 256), [256, 512), [512, 1,024)" in text
+    assert "HyPE's loss at 4x and 8x is below both position ablations' (rope_everywhere, nope_everywhere)." in text
+    r["models"]["nope_everywhere"]["loss@8x"] = 2.94
+    assert "is not below both position ablations'" in markdown(r)
+    # more windows than the held-out files hold: a clear error before any training
+    recipe = copy.deepcopy(recipe)
+    recipe["eval"]["long_loss_windows"] = 10**6
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("corpus", "teacher_hf_init", "tokenizer", "data"):  # the smoke run's prepared inputs
+        os.symlink(work / name, run / name)
+    with pytest.raises(ValueError, match="long_loss_windows 1000000: the held-out files hold only"):
+        run_recipe(str(tmp_path / "r.yaml"), str(run))
+    assert not (run / "checkpoints").exists()
 
 
 def test_decode_speed_wiring_on_cpu(smoke):

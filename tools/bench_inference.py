@@ -274,9 +274,9 @@ def make_decode_step(model, cache: StaticCache, backend: str = "none"):
     for layer_cache in cache.layers:  # a fresh cache: zero states (what a prefill would leave)
         if layer_cache is not None and layer_cache.recurrent_state is None:
             layer_cache.recurrent_state = torch.zeros(1, H, D, D, device=device)
-        if layer_cache is not None and config.lightning_short_conv and not layer_cache.conv_states:
-            layer_cache.conv_states = {n: torch.zeros(1, config.lightning_conv_size - 1, H * D, device=device,
-                                                      dtype=dtype) for n in "qkv"}
+        if layer_cache is not None and config.lightning_short_conv and layer_cache.conv_state is None:
+            layer_cache.conv_state = torch.zeros(1, config.lightning_conv_size - 1, 3 * H * D, device=device,
+                                                 dtype=dtype)
     layer_fn, head_fn = _compiled(decode_layer, backend), _compiled(decode_head, backend)
     if getattr(model, "fused_projections", None) is None:
         model.fused_projections = fuse_projections(model)
@@ -300,7 +300,7 @@ def capture(step, cache: StaticCache):
     the capture); elsewhere `step` itself. Warm-up and capture leave the Lightning states as they found them."""
     if not step.token.is_cuda:
         return step
-    states = [t for c in cache.layers if c is not None for t in (c.recurrent_state, *c.conv_states.values())]
+    states = [t for c in cache.layers if c is not None for t in (c.recurrent_state, c.conv_state) if t is not None]
     saved = [t.clone() for t in states]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -67,6 +67,32 @@ def targets(report: dict) -> list:
     return out
 
 
+def long_loss_lines(report: dict) -> list:
+    """Held-out loss by position over windows of the longest prompt length, and whether HyPE's is below both
+    position ablations' at 4x and 8x (a loss reading beside the retrieval target, not a target of its own)."""
+    long, models, mults = report.get("long_loss"), report["models"], report["multipliers"]
+    if not long:
+        return []
+    n, cols = report["train_length"], [f"loss@{m}x" for m in sorted(mults)]
+    edges = [0] + [n * m for m in sorted(mults)]
+    lines = ["", "## Held-out loss by position", "",
+             f"Mean next-token cross-entropy over {long['windows']} held-out windows of {long['window_tokens']:,} "
+             f"tokens (HypeNet prefilled in chunks of {n}), by the position of the predicted token: loss@Mx covers "
+             "positions " + ", ".join(f"[{lo:,}, {hi:,})" for lo, hi in zip(edges[:-1], edges[1:])) + ".", "",
+             "| model | " + " | ".join(cols) + " |", "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+    for name, row in models.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c), ".4f") for c in cols) + " |")
+    position = [name for name, a in report.get("ablations", {}).items()
+                if a.get("kind") == "position" and name in models]
+    lengths = [m for m in (4, 8) if m in mults]
+    if len(position) >= 2 and lengths:
+        student = models[STUDENT]
+        below = all(student[f"loss@{m}x"] < models[p][f"loss@{m}x"] for p in position for m in lengths)
+        lines += ["", f"HyPE's loss at {' and '.join(f'{m}x' for m in lengths)} is "
+                      f"{'below' if below else 'not below'} both position ablations' ({', '.join(position)})."]
+    return lines
+
+
 def budget_lines(report: dict) -> list:
     """The loss gap to the teacher against the HALO tokens: the main run and the `kind: budget` ablations."""
     variants = {name: a for name, a in report.get("ablations", {}).items()
@@ -128,21 +154,28 @@ def plot_loss_curves(report: dict, path: str) -> None:
 
 
 def plot_accuracy(report: dict, path: str) -> None:
-    """One panel per retrieval task: accuracy against prompt length (in training lengths), every model."""
+    """One panel per retrieval task: accuracy against prompt length (in training lengths), every model; and
+    the held-out loss by position when the report has it."""
     plt = _plt()
-    tasks, mults = report["tasks"], report["multipliers"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    tasks, mults, n = report["tasks"], sorted(report["multipliers"]), report["train_length"]
+    panels = [(f"{task}@{{}}x", "exact-match accuracy", f"{task} ({report['needle_examples']} prompts per length)",
+               f"prompt length (x {n} training tokens)") for task in tasks]
+    if report.get("long_loss"):
+        panels.append(("loss@{}x", "held-out loss", f"loss by position ({report['long_loss']['windows']} windows)",
+                       f"position, up to (x {n} training tokens)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, ylabel, title, xlabel) in zip(axes[0], panels):
         for name, row in report["models"].items():
             main = name in (TEACHER, STUDENT)
-            ax.plot(mults, [row[f"{task}@{m}x"] for m in mults], marker="o", label=name,
+            ax.plot(mults, [row[key.format(m)] for m in mults], marker="o", label=name,
                     linewidth=2.0 if main else 1.0, linestyle="-" if main else "--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(mults, [f"{m}x" for m in mults])
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel(f"prompt length (x {report['train_length']} training tokens)")
-        ax.set_ylabel("exact-match accuracy")
-        ax.set_title(f"{task} ({report['needle_examples']} prompts per length)")
+        if ylabel.endswith("accuracy"):
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -245,6 +278,7 @@ def markdown(report: dict, plots_link: str = "results") -> str:
                       f"{'within' if percent <= 2 else 'over'}). Each ablation is a separate experiment with its own "
                       f"rows above."]
 
+    lines += long_loss_lines(report)
     lines += budget_lines(report)
 
     lines += ["", "## Plots", "", f"![loss curves per stage]({plots_link}/{PLOTS['loss']})", "",

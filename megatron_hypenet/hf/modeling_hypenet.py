@@ -112,8 +112,8 @@ def query_scale(position_ids: torch.Tensor, base: float) -> torch.Tensor:
 
 class HypeNetLightningCacheLayer:
     """An RNN layer's (Lightning or Gated DeltaNet) decoding state, whose size does not grow with the context:
-    the fp32 recurrent state ``[B, H, D, D]`` and, with short conv, the last ``K - 1`` conv inputs
-    ``[B, K - 1, H * D]`` of q, k and v (the left context the next token's causal conv window needs)."""
+    the fp32 recurrent state ``[B, H, D, D]`` and, with short conv, the last ``K - 1`` conv inputs of q, k and
+    v side by side, ``[B, K - 1, 3 * H * D]`` (the left context the next token's causal conv window needs)."""
 
     is_compileable = False
     is_croppable = False
@@ -122,7 +122,7 @@ class HypeNetLightningCacheLayer:
 
     def __init__(self):
         self.recurrent_state: Optional[torch.Tensor] = None
-        self.conv_states: dict = {}
+        self.conv_state: Optional[torch.Tensor] = None
 
     @property
     def is_initialized(self) -> bool:
@@ -131,7 +131,8 @@ class HypeNetLightningCacheLayer:
     def _map(self, fn):
         if self.recurrent_state is not None:
             self.recurrent_state = fn(self.recurrent_state)
-        self.conv_states = {name: fn(t) for name, t in self.conv_states.items()}
+        if self.conv_state is not None:
+            self.conv_state = fn(self.conv_state)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -143,7 +144,7 @@ class HypeNetLightningCacheLayer:
         self._map(lambda t: t[indices])
 
     def reset(self):
-        self.recurrent_state, self.conv_states = None, {}
+        self.recurrent_state, self.conv_state = None, None
 
     def crop(self, tokens_to_remove: int):
         if tokens_to_remove:
@@ -241,22 +242,28 @@ def grouped_attention(q, k, v, mask, scale):
 
 
 class HypeNetShortConv(nn.Module):
-    """Causal depthwise conv over time, no bias, no activation; weight ``[C, 1, K]`` as `nn.Conv1d`'s."""
+    """The weight ``[C, 1, K]`` (as `nn.Conv1d`'s) of a causal depthwise conv over time, no bias, no
+    activation. The mixer runs q's, k's and v's convs as one (`causal_conv`)."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(channels, 1, kernel_size))
 
-    def forward(self, x: torch.Tensor, past: Optional[torch.Tensor] = None):
-        """x ``[B, T, C]``; past: the previous ``K - 1`` inputs (zeros at the start of a sequence).
-        Returns the output ``[B, T, C]`` and the last ``K - 1`` inputs, for the next call."""
-        B, T, C = x.shape
-        K = self.weight.shape[-1]
-        if past is None:
-            past = x.new_zeros(B, K - 1, C)
-        full = torch.cat([past.to(x.dtype), x], dim=1)
-        y = F.conv1d(full.transpose(1, 2), self.weight, groups=C).transpose(1, 2)
-        return y, full[:, full.shape[1] - (K - 1) :]
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: Optional[torch.Tensor] = None):
+    """Causal depthwise conv of x ``[B, T, C]`` with weight ``[C, 1, K]``; past: the previous ``K - 1``
+    inputs (zeros at the start of a sequence). Returns the output ``[B, T, C]`` and the last ``K - 1``
+    inputs, for the next call."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    if past is None:
+        past = x.new_zeros(B, K - 1, C)
+    full = torch.cat([past.to(x.dtype), x], dim=1)
+    if T == 1:  # a decode step: one multiply and one sum over the window, cheaper than a conv launch
+        y = (full * weight[:, 0].t().to(x.dtype)).sum(1, keepdim=True)
+    else:
+        y = F.conv1d(full.transpose(1, 2), weight.to(x.dtype), groups=C).transpose(1, 2)
+    return y, full[:, full.shape[1] - (K - 1) :]
 
 
 class HypeNetLightningAttention(nn.Module):
@@ -286,15 +293,18 @@ class HypeNetLightningAttention(nn.Module):
         if config.lightning_output_gate:
             self.g_proj = nn.Linear(config.hidden_size, width, bias=False)
 
-    def _short_conv(self, name, x, cache):
-        past = cache.conv_states.get(name) if cache is not None else None
-        y, tail = getattr(self, f"{name}_conv")(x, past)
+    def _short_conv(self, q, k, v, cache):
+        """q, k and v through their convs as one conv over the three side by side: a decode step's cost is
+        its kernel count, and three convs and state updates per layer cost three times the launches."""
+        weight = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        past = cache.conv_state if cache is not None else None
+        y, tail = causal_conv(torch.cat([q, k, v], dim=-1), weight, past)
         if past is not None and past.shape == tail.shape:
             past.copy_(tail)  # in place: a decode step keeps its buffers (CUDA graphs replay them)
         elif cache is not None:
             # a view would pin the whole prompt's activations; plain strides, whatever the chunk length
-            cache.conv_states[name] = tail.clone(memory_format=torch.contiguous_format)
-        return y
+            cache.conv_state = tail.clone(memory_format=torch.contiguous_format)
+        return y.chunk(3, dim=-1)
 
     def project(self, hidden_states, position_embeddings, token_mask=None, cache=None, projections=None):
         """q, k, v ``[B, T, H, D]`` as they enter the recurrence: projected, short-conv'd (the conv tails of
@@ -309,7 +319,7 @@ class HypeNetLightningAttention(nn.Module):
         if keep is not None:  # padding must not reach the conv window of the real tokens either
             q, k, v = q * keep, k * keep, v * keep
         if self.config.lightning_short_conv:
-            q, k, v = (self._short_conv(name, x, cache) for name, x in (("q", q), ("k", k), ("v", v)))
+            q, k, v = self._short_conv(q, k, v, cache)
         q, k, v = (x.view(B, T, H, D) for x in (q, k, v))
         if self.config.lightning_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
