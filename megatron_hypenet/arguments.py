@@ -8,6 +8,8 @@ import yaml
 
 from .config import RNN_MIXERS
 
+SELECT_SCORES = ("ratio", "recall")  # --select-score: halo/select.py's importance_scores
+
 STAGES = ("pretrain", "align", "select", "distill", "finetune")
 
 
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--select-lengths", type=int, nargs="+", default=None, help="select: retrieval lengths (default: seq/2, seq)")
     g.add_argument("--select-examples", type=int, default=16, help="select: retrieval examples per task and length")
+    g.add_argument("--select-score", choices=SELECT_SCORES, default="ratio",
+                   help="select: rank layers by recall drop / general drop (ratio, the paper's) or by the recall "
+                        "drop alone (recall, Jet-Nemotron-style)")
     g.add_argument("--select-eps", type=float, default=None,
                    help="select: eps of the importance ratio, in general-score (minus loss) units (default: a tenth "
                         "of the spread of the layers' general scores)")

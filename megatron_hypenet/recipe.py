@@ -537,6 +537,7 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
     examples = {(task, m): makers[task](tok, train_len * m, num, seed=7, **extra)
                 for task in tasks for m in multipliers}
     long_loss = _long_loss_windows(recipe, heldout, tok)
+    window_loss = {}  # model -> per window, its loss in each position bucket
     models, parameters, errors = {}, {}, {}
     for name, folder in exports.items():
         try:
@@ -548,8 +549,9 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
                 row[f"{task}@{m}x"], _ = retrieval_accuracy(logits_fn, prompts, max(1, batch_tokens // (train_len * m)))
             if long_loss:
                 windows, buckets = long_loss  # HypeNet prefills in chunks of the training length, as in decoding
-                nll = evaluate_perplexity(model, windows, buckets, train_len)["nll"]
-                row.update({f"loss@{hi // train_len}x": x for (_, hi), x in zip(buckets, nll)})
+                ppl = evaluate_perplexity(model, windows, buckets, train_len)
+                row.update({f"loss@{hi // train_len}x": x for (_, hi), x in zip(buckets, ppl["nll"])})
+                window_loss[name] = ppl["window_nll"]
             models[name] = row
             log.info("evaluated %s: %s", name, row)
         except Exception as err:  # noqa: BLE001  (an ablation's failure is reported; the main models' is fatal)
@@ -563,7 +565,8 @@ def evaluate_exports(recipe: dict, exports: dict, prefix: str, heldout: Optional
             torch.cuda.empty_cache()
     return {"models": models, "parameters": parameters, "eval_errors": errors, "tasks": tasks, "multipliers": multipliers,
             "needle_examples": num,
-            "long_loss": ({"windows": len(long_loss[0]), "window_tokens": len(long_loss[0][0])}
+            "long_loss": ({"windows": len(long_loss[0]), "window_tokens": len(long_loss[0][0]),
+                           "multipliers": [hi // train_len for _, hi in long_loss[1]], "window_loss": window_loss}
                           if long_loss else None),
             "loss_tokens": sum(int(b["loss_mask"].sum()) if isinstance(b, dict) else b[:, 1:].numel() for b in batches),
             "haystack": "held-out files of the local corpus" if heldout else "synthetic corpus prose",

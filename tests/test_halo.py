@@ -101,6 +101,25 @@ def test_rerun_select_keeps_the_saved_selection(recipe_run, monkeypatch):
     assert run_stage("select", options)["layer_pattern"] == report["layer_pattern"]
     with pytest.raises(ValueError, match="keeps 1 attention layers of 4, not the 2 of 4 asked for"):
         run_stage("select", {**options, "num_attention_layers": 2})
+    with pytest.raises(ValueError, match="ranked the layers by --select-score ratio, not recall"):
+        run_stage("select", {**options, "select_score": "recall"})
+
+
+def test_select_score_recall_ranks_by_the_recall_drop(recipe_run, tmp_path):
+    """--select-score recall runs the same sweep and keeps the layers whose swap loses the most recall."""
+    from megatron_hypenet.recipe import run_stage
+
+    run, _ = recipe_run
+    options = dict(RECIPE["common"], data_path=str(run / "data" / "corpus"), tokenizer=str(run / "teacher_hf_init"),
+                   teacher=str(run / "checkpoints" / "teacher"), load=str(run / "checkpoints" / "align"),
+                   save=str(tmp_path / "select"), **{**RECIPE["stages"]["select"], "num_attention_layers": 2},
+                   select_score="recall")
+    result = run_stage("select", options)
+    recall, general = ([row[key] for row in result["layers"]] for key in ("recall", "general"))
+    assert result["score"] == "recall"
+    assert [row["importance"] for row in result["layers"]] == [max(recall) - r for r in recall]
+    assert result["attention_layers"] == choose_attention_layers([max(recall) - r for r in recall], 2, general)
+    assert json.loads((tmp_path / "select" / "selection.json").read_text())["score"] == "recall"
 
 
 def test_selection_follows_the_importance_formula():
@@ -119,6 +138,19 @@ def test_selection_follows_the_importance_formula():
     with pytest.raises(ValueError, match="cannot keep 5 attention layers out of 4"):
         choose_attention_layers(imp, 5)
     assert default_num_attention_layers(28) == 4 and default_num_attention_layers(4) == 1
+
+
+def test_recall_score_keeps_the_layers_run_7s_ratio_passed_over():
+    """Run 7's sweep (docs/results/run7/report.json): layer 3's swap costs no general score and 0.06 recall,
+    so the ratio keeps it over layer 7, whose swap takes recall from 0.60 to 0.23; the recall drop does not."""
+    recall = [0.515625, 0.570312, 0.601562, 0.539062, 0.59375, 0.125, 0.078125, 0.226562, 0.59375, 0.59375, 0.578125,
+              0.539062]
+    general = [-1.290996, -1.252349, -1.249104, -1.249134, -1.249989, -1.297863, -1.295312, -1.296382, -1.2561,
+               -1.252076, -1.256564, -1.295555]
+    assert choose_attention_layers(importance_scores(recall, general), 3, general) == [3, 5, 6]
+    assert choose_attention_layers(importance_scores(recall, general, score="recall"), 3, general) == [5, 6, 7]
+    with pytest.raises(ValueError, match="selection score 'loss': known scores are"):
+        importance_scores(recall, general, score="loss")
 
 
 def test_selection_eps_defaults_to_a_tenth_of_the_general_spread():

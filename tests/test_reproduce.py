@@ -156,7 +156,14 @@ def test_report_has_every_model_length_and_task(smoke):
         assert set(row) == accuracies | losses
         assert all(0 < row[c] < 10 for c in losses)
         assert all(row[c] in {i / ev["needle_examples"] for i in range(ev["needle_examples"] + 1)} for c in accuracies)
-    assert report["long_loss"] == {"windows": ev["long_loss_windows"], "window_tokens": 128 * 2}
+    long = report["long_loss"]
+    assert {k: long[k] for k in ("windows", "window_tokens", "multipliers")} == {
+        "windows": ev["long_loss_windows"], "window_tokens": 128 * 2, "multipliers": [1, 2]}
+    assert list(long["window_loss"]) == list(report["models"])
+    for name, windows in long["window_loss"].items():  # every window has as many tokens in a bucket as the next
+        assert len(windows) == ev["long_loss_windows"] and all(len(w) == 2 for w in windows)
+        for b, m in enumerate((1, 2)):
+            assert sum(w[b] for w in windows) / len(windows) == pytest.approx(report["models"][name][f"loss@{m}x"])
     assert report["haystack"] == "held-out files of the local corpus"
     assert report["loss_tokens"] == ev["loss_samples"] * recipe["common"]["seq_length"]
     if torch.cuda.is_available():
@@ -312,9 +319,14 @@ def test_loss_by_position_section_and_too_little_heldout_text(smoke, tmp_path):
         row.update({f"loss@{m}x": 3.0 for m in (4, 8)})
         row.update({f"{t}@{m}x": 0.0 for t in r["tasks"] for m in (4, 8)})
     r["models"][STUDENT].update({"loss@4x": 2.9, "loss@8x": 2.95})
+    r["long_loss"]["multipliers"] = [1, 2, 4, 8]
+    ablation = [[3.0, 3.0, 3.0, 3.0 + 0.01 * i] for i in range(10)]  # 8x: above HyPE's 3.0 in 9 of 10 windows
+    r["long_loss"]["window_loss"] = {STUDENT: [[3.0] * 4] * 10, "rope_everywhere": ablation, "nope_everywhere": ablation}
     text = markdown(r)
     assert "## Held-out loss by position" in text and "positions [0, 128), [128, 256), [256, 512), [512, 1,024)" in text
     assert "HyPE's loss at 4x and 8x is below both position ablations' (rope_everywhere, nope_everywhere)." in text
+    assert "| rope_everywhere | 4x | 0 of 10 | +0.0000 | 0.0000 | 1 |" in text
+    assert "| nope_everywhere | 8x | 9 of 10 | +0.0450 | 0.0096 | 0.0039 |" in text  # all 9 untied: 2 / 2^9
     r["models"]["nope_everywhere"]["loss@8x"] = 2.94
     assert "is not below both position ablations'" in markdown(r)
     # more windows than the held-out files hold: a clear error before any training

@@ -147,9 +147,10 @@ def bucket_bounds(train_length: int, multipliers) -> list:
 
 @torch.no_grad()
 def evaluate_perplexity(model, windows, buckets, prefill_chunk, slice_tokens: int = 4096) -> dict:
-    """Mean next-token NLL and perplexity of the tokens whose position falls in each bucket."""
+    """Mean next-token NLL and perplexity of the tokens whose position falls in each bucket, and each window's
+    own bucket means (`window_nll`, for paired comparisons of models scored on the same windows)."""
     lm_head = model.get_output_embeddings()
-    nll_sum, count = [0.0] * len(buckets), [0] * len(buckets)
+    nll_sum, count, window_nll = [0.0] * len(buckets), [0] * len(buckets), []
     for window in tqdm(windows, desc="perplexity", unit="window", leave=False):
         ids = torch.tensor([window])
         hidden = hidden_states(model, ids, prefill_chunk)[0, :-1]
@@ -159,12 +160,14 @@ def evaluate_perplexity(model, windows, buckets, prefill_chunk, slice_tokens: in
             for s in range(0, len(labels), slice_tokens)
         ]).cpu()
         positions = torch.arange(1, len(window))  # the position of each predicted token
+        window_nll.append([])
         for b, (lo, hi) in enumerate(buckets):
             keep = (positions >= lo) & (positions < hi)
             nll_sum[b] += losses[keep].double().sum().item()
             count[b] += int(keep.sum())
+            window_nll[-1].append(losses[keep].double().mean().item() if keep.any() else None)
     nll = [s / c if c else None for s, c in zip(nll_sum, count)]
-    return {"buckets": [list(b) for b in buckets], "tokens": count, "nll": nll,
+    return {"buckets": [list(b) for b in buckets], "tokens": count, "nll": nll, "window_nll": window_nll,
             "ppl": [None if x is None else math.exp(x) for x in nll]}
 
 

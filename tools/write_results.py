@@ -90,6 +90,34 @@ def long_loss_lines(report: dict) -> list:
         below = all(student[f"loss@{m}x"] < models[p][f"loss@{m}x"] for p in position for m in lengths)
         lines += ["", f"HyPE's loss at {' and '.join(f'{m}x' for m in lengths)} is "
                       f"{'below' if below else 'not below'} both position ablations' ({', '.join(position)})."]
+        lines += paired_window_lines(long, position, lengths)
+    return lines
+
+
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven among n fair coin flips (1 when n = 0)."""
+    k = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_window_lines(long: dict, position: list, lengths: list) -> list:
+    """HyPE against each position ablation window by window (the same held-out windows for every model)."""
+    per_window = long.get("window_loss") or {}
+    if STUDENT not in per_window or any(p not in per_window for p in position):
+        return []
+    lines = ["", "Window by window (difference = ablation's loss - HyPE's, over the same windows; sign test on the "
+                 "windows where HyPE's loss is lower, ties left out):", "",
+             "| ablation | positions up to | HyPE lower in | mean difference | standard error | sign test p |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for p in position:
+        for m in lengths:
+            b = long["multipliers"].index(m)
+            diffs = [a[b] - h[b] for a, h in zip(per_window[p], per_window[STUDENT])]
+            n, mean = len(diffs), sum(diffs) / len(diffs)
+            se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+            wins, untied = sum(d > 0 for d in diffs), sum(d != 0 for d in diffs)  # the sign test drops ties
+            lines.append(f"| {p} | {m}x | {wins} of {n} | {mean:+.4f} | {_fmt(se, '.4f')} | "
+                         f"{sign_test(wins, untied):.2g} |")
     return lines
 
 

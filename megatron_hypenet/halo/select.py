@@ -13,6 +13,11 @@ several layers: with a tiny eps the layer whose swap costs the least general sco
 whatever its recall drop (docs/results_run1.md: layers 2-4 were kept while the swap of layer 8 took
 recall from 0.44 to 0). So eps defaults to a tenth of the spread of the general scores over the
 layers (--select-eps sets it).
+
+`--select-score recall` ranks the layers by the recall drop alone (the Jet-Nemotron-style alternative):
+even that eps lets a layer whose swap costs no general score and a noise-sized recall drop outrank one
+whose swap costs most of the recall (docs/results_run7.md: layer 3, recall drop 0.06, was kept over layer 7,
+0.37).
 """
 
 import functools
@@ -24,6 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import checkpoint, parallel
+from ..arguments import SELECT_SCORES
 from ..config import ATTENTION, RNN_MIXERS, read_model_description
 from ..convert import find_tokenizer
 from ..data import build_gpt_datasets, load_tokenizer, make_dataloader
@@ -42,8 +48,13 @@ EPS_SPREAD_FRACTION = 0.1
 
 
 def importance_scores(recall: Sequence[float], general: Sequence[float], eps: Optional[float] = None,
-                      clip: float = IMPORTANCE_CLIP) -> List[float]:
+                      clip: float = IMPORTANCE_CLIP, score: str = "ratio") -> List[float]:
+    """Per layer: the recall drop over the general drop (`ratio`, the paper's) or the recall drop (`recall`)."""
+    if score not in SELECT_SCORES:
+        raise ValueError(f"selection score {score!r}: known scores are {SELECT_SCORES}")
     best_r, best_g = max(recall), max(general)
+    if score == "recall":
+        return [best_r - r for r in recall]
     if eps is None:
         eps = EPS_SPREAD_FRACTION * (best_g - min(general)) or 1e-3
     return [min((best_r - r) / (best_g - g + eps), clip) for r, g in zip(recall, general)]
@@ -76,6 +87,9 @@ def run_select(args) -> dict:
             raise ValueError(f"{done} keeps {len(result['attention_layers'])} attention layers of "
                              f"{len(result['layer_pattern'])}, not the {k} of {n} asked for: use another --save "
                              "or delete that folder to run the selection again")
+        if result.get("score", "ratio") != args.select_score:
+            raise ValueError(f"{done} ranked the layers by --select-score {result.get('score', 'ratio')}, not "
+                             f"{args.select_score}: use another --save or delete that folder to run the selection again")
         log.info("select: %s is already there (pattern %s); delete it to run the sweep again", done,
                  result["layer_pattern"])
         return result
@@ -115,12 +129,14 @@ def run_select(args) -> dict:
         recall, general = score(pattern_with_attention(n, [j for j in range(n) if j != i], rnn))
         rows.append({"layer": i, "recall": recall, "general": general})
         log.info("layer %d swapped: recall %.3f, general %.4f", i, recall, general)
-    importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows], args.select_eps)
+    importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows], args.select_eps,
+                                   score=args.select_score)
     for row, imp in zip(rows, importance):
         row["importance"] = imp
     chosen = choose_attention_layers(importance, k, [r["general"] for r in rows])
     pattern = pattern_with_attention(n, chosen, rnn)
-    result = {"layer_pattern": pattern, "attention_layers": chosen, "teacher_recall": teacher_recall,
+    result = {"layer_pattern": pattern, "attention_layers": chosen, "score": args.select_score,
+              "teacher_recall": teacher_recall,
               "teacher_general": teacher_general, "lengths": lengths, "layers": rows}
     if args.save and parallel.is_rank0():  # selection.json last and atomically: it marks the sweep done
         os.makedirs(args.save, exist_ok=True)
