@@ -24,6 +24,9 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   student on k times the tokens. `kind: position` marks the ablations the "HyPE beats its ablations" target
   compares with; the results page tabulates the loss gap against HALO tokens for the main run and the
   `kind: budget` ones.
+- `ablation_workers: N` (default 1): train N ablations at once, each in a process of its own, beside the main
+  student's distill and finetune (they need only its align and pattern). Small students leave the GPU idle
+  while the host launches their kernels, so they can share it; their tokens/s are then shared too.
 - `eval`: `tasks` (needle, passkey), `needle_multipliers` (prompt lengths of every task, in training
   lengths), `needle_examples` (prompts per task and length), `loss_samples`, `batch_tokens` (tokens per
   evaluation forward), `long_loss_windows` (held-out windows of the longest prompt length whose loss is
@@ -31,14 +34,17 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   `data.local_corpus`), `decode_compile` (torch.compile backend of the decode-speed step; GPU only).
 """
 
+import contextlib
 import datetime
 import gc
 import itertools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import List, Optional
 
 import torch
@@ -259,6 +265,16 @@ class _Runner:
     def ck(self, name: str) -> str:
         return os.path.join(self.work, "checkpoints", name)
 
+    def records(self) -> dict:
+        """What the report takes from the stages run so far (a worker process hands them to the parent)."""
+        return {"commands": self.commands, "tokens": self.tokens, "tokens_per_s": self.tokens_per_s,
+                "curves": self.curves}
+
+    def merge(self, records: dict) -> None:
+        self.commands += records["commands"]
+        for key in ("tokens", "tokens_per_s", "curves"):
+            getattr(self, key).update(records[key])
+
     def __call__(self, key: str, stage: str, options: dict) -> dict:
         options = {**self.common, **options}
         self.commands.append(stage_command(stage, options))
@@ -293,6 +309,13 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
     os.makedirs(work, exist_ok=True)
     ablations = recipe.get("ablations") or {}
     check_ablations(ablations)
+    workers = recipe.get("ablation_workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"ablation_workers: {workers!r}; give the number of ablations to train at once (1: one "
+                         "after another in this process)")
+    if workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("ablation_workers > 1 trains the ablations as one-process jobs beside each other: launch the "
+                         "recipe with plain python, or set ablation_workers: 1 under torchrun")
     t_start = time.time()
     teacher_hf, prefix = _prepare_teacher_and_data(recipe, work)
     heldout = local_corpus_paths(work)["heldout"] if "local_corpus" in recipe.get("data", {}) else None
@@ -322,26 +345,34 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
         pattern = run.results["select"]["layer_pattern"]
     else:  # a fixed pattern instead of the selection sweep
         pattern = fixed_pattern(stages)
-    run("distill", "distill", {"teacher": teacher, "load": ck("align"), **stages.get("distill", {}),
-                               "layer_pattern": pattern, "save": ck("distill")})
-    final = ck("distill")
-    if "finetune" in stages:
-        run("finetune", "finetune", {"load": ck("distill"), "save": ck("finetune"), **stages["finetune"]})
-        final = ck("finetune")
+    with _ablation_pool(ablations, workers) as pool:
+        # the variants need only align and the pattern: with workers they train beside the main student
+        futures = {} if pool is None else {
+            name: pool.submit(_ablation_worker, work, run.common, dict(run.tokens), name, spec, stages, teacher,
+                              pattern, workers)
+            for name, spec in ablations.items()}
+        run("distill", "distill", {"teacher": teacher, "load": ck("align"), **stages.get("distill", {}),
+                                   "layer_pattern": pattern, "save": ck("distill")})
+        final = ck("distill")
+        if "finetune" in stages:
+            run("finetune", "finetune", {"load": ck("distill"), "save": ck("finetune"), **stages["finetune"]})
+            final = ck("finetune")
 
-    exports = {TEACHER: os.path.join(work, "hf_teacher"), STUDENT: os.path.join(work, "hf_student")}
-    for src, name in ((teacher, TEACHER), (final, STUDENT)):
-        export(run, src, exports[name])
-    variants = {}
-    for name, spec in ablations.items():
-        try:
-            variants[name] = run_ablation(run, name, spec, stages, teacher, pattern)
-            export(run, variants[name].pop("checkpoint"), os.path.join(work, f"hf_{name}"))
-            exports[name] = os.path.join(work, f"hf_{name}")
-        except Exception as err:  # noqa: BLE001  (one failed experiment must not lose the others' results)
-            log.exception("ablation %s failed; the report goes on without it", name)
-            variants[name] = {"kind": spec.get("kind"), "options": spec.get("options") or {},
-                              "error": f"{type(err).__name__}: {err}"}
+        exports = {TEACHER: os.path.join(work, "hf_teacher"), STUDENT: os.path.join(work, "hf_student")}
+        for src, name in ((teacher, TEACHER), (final, STUDENT)):
+            export(run, src, exports[name])
+        variants = {}
+        for name, spec in ablations.items():
+            if pool is None:
+                variants[name], folder = run_ablation_and_export(run, name, spec, stages, teacher, pattern)
+            else:
+                try:
+                    variants[name], folder, records = futures[name].result()
+                    run.merge(records)
+                except Exception as err:  # noqa: BLE001  (its process died: the others' results still count)
+                    variants[name], folder = _failed_ablation(name, spec, err), None
+            if folder:
+                exports[name] = folder
 
     if command is None:
         command = " ".join(["python tools/halo.py --recipe", path] + (["--work-dir", work_dir] if work_dir else []))
@@ -351,6 +382,7 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
               "train_length": recipe["common"]["seq_length"], "layer_pattern": pattern,
               **evaluate_exports(recipe, exports, prefix, heldout),
               "tokens_per_s": run.tokens_per_s, "tokens": run.tokens, "halo_budget": halo_budget(run.tokens),
+              "ablation_workers": workers,
               "ablations": variants,
               "selection": ({k: run.results["select"][k] for k in ("attention_layers", "teacher_recall", "layers")}
                             if "select" in run.results else None)}
@@ -435,6 +467,54 @@ def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str
             "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
             "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
+
+
+def run_ablation_and_export(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> tuple:
+    """(the variant's record, its HF folder): the folder is None when it failed, which the report records and
+    goes on without (one failed experiment must not lose the others' results)."""
+    try:
+        variant = run_ablation(run, name, spec, stages, teacher, selected)
+        folder = os.path.join(run.work, f"hf_{name}")
+        export(run, variant.pop("checkpoint"), folder)
+        return variant, folder
+    except Exception as err:  # noqa: BLE001
+        return _failed_ablation(name, spec, err), None
+
+
+def _failed_ablation(name: str, spec: dict, err: Exception) -> dict:
+    log.error("ablation %s failed; the report goes on without it", name, exc_info=err)
+    return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "error": f"{type(err).__name__}: {err}"}
+
+
+@contextlib.contextmanager
+def _ablation_pool(ablations: dict, workers: int):
+    """A process pool for `ablation_workers` > 1 (None otherwise). Small students leave the GPU idle while
+    the host launches their kernels, so several trained at once share it; each in its own process, since
+    megatron-core's parallel state is per process. Leaving the block waits for the workers."""
+    if not ablations or workers <= 1:
+        yield None
+        return
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dict, stages: dict, teacher: str,
+                     selected: str, workers: int) -> tuple:
+    """`run_ablation_and_export` in a worker process: its own one-process group on a free port, its own
+    checkpoint save helper and a share of the CPU threads. `tokens`: the stages' tokens so far (a variant
+    reusing the main align counts its tokens). Returns the variant, its folder and what its stages
+    recorded, for the parent's report."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)  # the parent's one-process group, inherited through the environment
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (workers + 1)))
+    from megatron_hypenet.checkpoint import start_save_helper
+
+    start_save_helper()
+    run = _Runner(work, common)
+    run.tokens.update(tokens)
+    variant, folder = run_ablation_and_export(run, name, spec, stages, teacher, selected)
+    return variant, folder, run.records()
 
 
 def _attention_layers(pattern: str) -> list:

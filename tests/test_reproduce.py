@@ -105,10 +105,12 @@ BROKEN = {"kind": "selection", "reuse_align": True, "layer_pattern": "AL"}  # a 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """examples/reproduce_smoke.yaml plus one ablation that fails: the report must go on without it."""
+    """examples/reproduce_smoke.yaml plus one ablation that fails, the report must go on without it, with two
+    ablation workers (test_ablation_workers_train_as_the_recipe_process_does runs one in the recipe's process)."""
     root = tmp_path_factory.mktemp("reproduce")
     recipe = load(SMOKE)
     recipe["ablations"]["broken"] = BROKEN
+    recipe["ablation_workers"] = 2
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     report = run_recipe(str(root / "recipe.yaml"), str(root / "run"))
     del recipe["ablations"]["broken"]
@@ -262,6 +264,7 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
     gap = report["models"]["budget_x2"]["valid_loss"] / report["models"][TEACHER]["valid_loss"] - 1
     assert f"| budget_x2 | 2 | {budget:,} | {100 * budget / report['halo_budget']['teacher_tokens']:.2f} |" in text
     assert f"| {gap:+.2%} |" in text
+    assert "The ablations trained 2 at a time beside the main student's distill and finetune" in text
     assert (work / "results.md").read_text() == text  # the recipe wrote the same page
 
 
@@ -340,6 +343,34 @@ def test_loss_by_position_section_and_too_little_heldout_text(smoke, tmp_path):
     with pytest.raises(ValueError, match="long_loss_windows 1000000: the held-out files hold only"):
         run_recipe(str(tmp_path / "r.yaml"), str(run))
     assert not (run / "checkpoints").exists()
+
+
+def test_ablation_workers_train_as_the_recipe_process_does(smoke, tmp_path):
+    """even_spacing trained by a worker process (the smoke run) and again in the recipe's own process
+    (ablation_workers 1, its checkpoints and export removed from a copy of the run) gives the same loss curves
+    and the same report rows; the other stages are skipped as finished."""
+    import shutil
+
+    work, report, recipe = smoke
+    run = tmp_path / "run"
+    shutil.copytree(work, run, symlinks=True)
+    shutil.rmtree(run / "checkpoints" / "even_spacing")
+    shutil.rmtree(run / "hf_even_spacing")
+    recipe = copy.deepcopy(recipe)
+    recipe["ablation_workers"] = 1
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    again = run_recipe(str(tmp_path / "r.yaml"), str(run))
+    assert again["ablation_workers"] == 1 and report["ablation_workers"] == 2
+    for stage in ("even_spacing/distill", "even_spacing/finetune"):
+        ours, theirs = (torch.tensor(r["loss_curves"][stage]) for r in (again, report))
+        assert torch.allclose(ours, theirs, rtol=1e-4), stage  # (the worker ran on fewer CPU threads)
+    assert again["models"]["even_spacing"] == pytest.approx(report["models"]["even_spacing"], rel=1e-3)
+    assert again["models"][STUDENT] == report["models"][STUDENT]  # not retrained: the same export
+    assert [c.replace(str(run), "W") for c in again["commands"]] == [c.replace(str(work), "W") for c in report["commands"]]
+    with pytest.raises(ValueError, match="ablation_workers: 0; give the number of ablations"):
+        recipe["ablation_workers"] = 0
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        run_recipe(str(tmp_path / "r.yaml"), str(run))
 
 
 def test_decode_speed_wiring_on_cpu(smoke):
