@@ -163,9 +163,10 @@ def evaluate_perplexity(model, windows, buckets, prefill_chunk, slice_tokens: in
         window_nll.append([])
         for b, (lo, hi) in enumerate(buckets):
             keep = (positions >= lo) & (positions < hi)
-            nll_sum[b] += losses[keep].double().sum().item()
-            count[b] += int(keep.sum())
-            window_nll[-1].append(losses[keep].double().mean().item() if keep.any() else None)
+            total, tokens = losses[keep].double().sum().item(), int(keep.sum())
+            nll_sum[b] += total
+            count[b] += tokens
+            window_nll[-1].append(total / tokens if tokens else None)
     nll = [s / c if c else None for s, c in zip(nll_sum, count)]
     return {"buckets": [list(b) for b in buckets], "tokens": count, "nll": nll, "window_nll": window_nll,
             "ppl": [None if x is None else math.exp(x) for x in nll]}
