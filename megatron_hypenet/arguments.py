@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-lightning-output-norm", action="store_true")
     g.add_argument("--no-lightning-qk-norm", action="store_true")
     g.add_argument("--lightning-short-conv", action="store_true")
+    g.add_argument("--train-only-mixers", action="store_true",
+                   help="train only the token mixers (each layer's attention or RNN module); the embeddings, MLPs, "
+                        "layer norms and LM head keep their loaded values (align always trains only its RNN mixers)")
     g.add_argument("--lightning-scale", choices=("sqrt", "linear", "none"), default="sqrt")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=0)

@@ -18,14 +18,16 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main
   student. `options` are stage flags applied to the variant's align, distill and finetune;
   `layer_pattern` is `selected` (the main run's select result, the default), `even` (as many attention
-  layers, evenly spaced; no select run) or a literal pattern. With `options.rnn_mixer` the recurrent
+  layers, evenly spaced; no select run), `recall` or `ratio` (the main run's selection sweep ranked by that
+  --select-score: the same measurements, another rule) or a literal pattern. With `options.rnn_mixer` the recurrent
   layers of the pattern take that mixer's letter (`config.RNN_MIXERS`). `budget_scale: k` multiplies the
   `train_iters` of the HALO stages the variant trains (its align unless reused, distill, finetune): the same
   student on k times the tokens. `kind: position` marks the ablations the "HyPE beats its ablations" target
   compares with; the results page tabulates the loss gap against HALO tokens for the main run and the
   `kind: budget` ones.
 - `ablation_workers: N` (default 1): train N ablations at once, each in a process of its own, beside the main
-  student's distill and finetune (they need only its align and pattern). Small students leave the GPU idle
+  student: a variant's own align (it needs only the teacher) beside the main align and select, the rest
+  (which needs the selected pattern) beside the main distill and finetune. Small students leave the GPU idle
   while the host launches their kernels, so they can share it; their tokens/s are then shared too.
 - `eval`: `tasks` (needle, passkey), `needle_multipliers` (prompt lengths of every task, in training
   lengths), `needle_examples` (prompts per task and length), `loss_samples`, `batch_tokens` (tokens per
@@ -44,7 +46,7 @@ import math
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import List, Optional
 
 import torch
@@ -186,18 +188,29 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
     return teacher_hf, prefix
 
 
-def ablation_pattern(spec: dict, selected: str) -> str:
-    """The variant's layer pattern: the selected one, evenly spaced attention, or a literal; its
-    recurrent layers in the letter of `options.rnn_mixer`."""
+def ablation_pattern(spec: dict, selected: str, selection: Optional[dict] = None) -> str:
+    """The variant's layer pattern: the selected one, evenly spaced attention, the main sweep ranked by another
+    --select-score (`selection`: its selection.json), or a literal; its recurrent layers in the letter of
+    `options.rnn_mixer`."""
+    from megatron_hypenet.arguments import SELECT_SCORES
+
     choice = spec.get("layer_pattern", "selected")
     if choice == "selected":
         pattern = selected
     elif choice == "even":
         pattern = even_pattern(len(selected), selected.count("A"))
+    elif choice in SELECT_SCORES:
+        if selection is None:
+            raise ValueError(f"layer_pattern {choice!r} ranks the main run's selection sweep by that score: the "
+                             "recipe needs a `select` stage")
+        from megatron_hypenet.halo.select import rescored_pattern
+
+        pattern = rescored_pattern(selection, choice)
     else:
         pattern = choice
         if len(pattern) != len(selected) or set(pattern) - {"A", "L"}:
-            raise ValueError(f"layer_pattern {pattern!r}: give 'selected', 'even', or {len(selected)} letters A/L")
+            raise ValueError(f"layer_pattern {pattern!r}: give 'selected', 'even', one of {list(SELECT_SCORES)} or "
+                             f"{len(selected)} letters A/L")
     from megatron_hypenet.config import LIGHTNING, RNN_MIXERS
 
     mixer = spec.get("options", {}).get("rnn_mixer", "lightning")
@@ -336,20 +349,25 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
     if "pretrain" in stages:
         run("pretrain", "pretrain", {"load": teacher, "save": ck("teacher"), **stages["pretrain"]})
         teacher = ck("teacher")
-    run("align", "align", {"teacher": teacher, "save": ck("align"), **stages.get("align", {})})
-    if "select" in stages:
-        # a teacher trained on real text is scored on haystacks of its held-out files, not on synthetic prose
-        haystack = {"select_haystack": local_corpus_paths(work)["heldout"]} if "local_corpus" in recipe.get("data", {}) else {}
-        run("select", "select", {"teacher": teacher, "load": ck("align"), "save": ck("select"), **haystack,
-                                 **stages["select"]})
-        pattern = run.results["select"]["layer_pattern"]
-    else:  # a fixed pattern instead of the selection sweep
-        pattern = fixed_pattern(stages)
-    with _ablation_pool(ablations, workers) as pool:
-        # the variants need only align and the pattern: with workers they train beside the main student
+    with _ablation_pool(ablations, workers) as pool, ThreadPoolExecutor(max(1, len(ablations))) as waiting:
+        # with workers, a variant's own align needs only the teacher: it starts now, beside the main align
+        aligns = {} if pool is None else {
+            name: pool.submit(_ablation_worker, work, run.common, {}, name, spec, stages, teacher, None, workers)
+            for name, spec in ablations.items() if not spec.get("reuse_align")}
+        run("align", "align", {"teacher": teacher, "save": ck("align"), **stages.get("align", {})})
+        if "select" in stages:
+            # a teacher trained on real text is scored on haystacks of its held-out files, not on synthetic prose
+            haystack = ({"select_haystack": local_corpus_paths(work)["heldout"]}
+                        if "local_corpus" in recipe.get("data", {}) else {})
+            run("select", "select", {"teacher": teacher, "load": ck("align"), "save": ck("select"), **haystack,
+                                     **stages["select"]})
+            pattern = run.results["select"]["layer_pattern"]
+        else:  # a fixed pattern instead of the selection sweep
+            pattern = fixed_pattern(stages)
+        # the rest of a variant needs its align and the pattern: with workers it trains beside the main student
         futures = {} if pool is None else {
-            name: pool.submit(_ablation_worker, work, run.common, dict(run.tokens), name, spec, stages, teacher,
-                              pattern, workers)
+            name: waiting.submit(_after, aligns.get(name), pool, _ablation_worker, work, run.common, dict(run.tokens),
+                                 name, spec, stages, teacher, pattern, workers)
             for name, spec in ablations.items()}
         run("distill", "distill", {"teacher": teacher, "load": ck("align"), **stages.get("distill", {}),
                                    "layer_pattern": pattern, "save": ck("distill")})
@@ -442,18 +460,24 @@ def export(run: _Runner, checkpoint: str, out: str) -> None:
     mcore_to_hf(checkpoint, out, overwrite=True)
 
 
+def ablation_align(run: _Runner, name: str, spec: dict, stages: dict, teacher: str) -> str:
+    """The variant's align checkpoint: the main run's, or its own (trained here unless already complete)."""
+    if spec.get("reuse_align"):
+        return run.ck("align")
+    align = run.ck(os.path.join(name, "align"))
+    run(f"{name}/align", "align", {"teacher": teacher, "save": align,
+                                   **scaled_stage(stages.get("align", {}), spec.get("budget_scale", 1)),
+                                   **(spec.get("options") or {})})
+    return align
+
+
 def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
     """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
     options = dict(spec.get("options") or {})
     scale, reuse_align = spec.get("budget_scale", 1), bool(spec.get("reuse_align"))
     ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
-    if reuse_align:
-        align = run.ck("align")
-    else:
-        align = ck("align")
-        run(f"{name}/align", "align", {"teacher": teacher, "save": align,
-                                       **scaled_stage(stages.get("align", {}), scale), **options})
-    pattern = ablation_pattern(spec, selected)
+    align = ablation_align(run, name, spec, stages, teacher)
+    pattern = ablation_pattern(spec, selected, _main_selection(run))
     # the variant's pattern wins over a fixed `stages.distill.layer_pattern` of the main run
     run(f"{name}/distill", "distill", {"teacher": teacher, "load": align,
                                        **scaled_stage(stages.get("distill", {}), scale), **options,
@@ -467,6 +491,17 @@ def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str
             "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
             "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
+
+
+def _main_selection(run: _Runner) -> Optional[dict]:
+    """The main run's selection sweep (select stage's selection.json), if the recipe ran one."""
+    from megatron_hypenet.halo.select import SELECTION_FILE
+
+    path = os.path.join(run.ck("select"), SELECTION_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_ablation_and_export(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> tuple:
@@ -498,12 +533,20 @@ def _ablation_pool(ablations: dict, workers: int):
         yield pool
 
 
+def _after(first, pool, fn, *args):
+    """fn(*args) in `pool` once the future `first` (or None) has finished; `first`'s error is the result's."""
+    if first is not None:
+        first.result()
+    return pool.submit(fn, *args).result()
+
+
 def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dict, stages: dict, teacher: str,
-                     selected: str, workers: int) -> tuple:
+                     selected: Optional[str], workers: int) -> tuple:
     """`run_ablation_and_export` in a worker process: its own one-process group on a free port, its own
     checkpoint save helper and a share of the CPU threads. `tokens`: the stages' tokens so far (a variant
     reusing the main align counts its tokens). Returns the variant, its folder and what its stages
-    recorded, for the parent's report."""
+    recorded, for the parent's report; with `selected` None only the variant's own align (the variant's
+    later worker finds it complete and records it)."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)  # the parent's one-process group, inherited through the environment
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
@@ -513,6 +556,9 @@ def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dic
     start_save_helper()
     run = _Runner(work, common)
     run.tokens.update(tokens)
+    if selected is None:
+        ablation_align(run, name, spec, stages, teacher)
+        return None
     variant, folder = run_ablation_and_export(run, name, spec, stages, teacher, selected)
     return variant, folder, run.records()
 

@@ -11,6 +11,7 @@ from megatron_hypenet.halo.select import (
     default_num_attention_layers,
     importance_scores,
     pattern_with_attention,
+    rescored_pattern,
 )
 
 RECIPE = {
@@ -105,6 +106,33 @@ def test_rerun_select_keeps_the_saved_selection(recipe_run, monkeypatch):
         run_stage("select", {**options, "select_score": "recall"})
 
 
+def test_train_only_mixers_keeps_the_rest_as_loaded(recipe_run, tmp_path):
+    """distill --train-only-mixers: the exported student's embeddings, MLPs and norms are the teacher's
+    (bit for bit), while its attention layers, which start as the teacher's, have moved."""
+    from safetensors.torch import load_file
+
+    from megatron_hypenet.convert import mcore_to_hf
+    from megatron_hypenet.recipe import run_stage
+
+    run, _ = recipe_run
+    ck = run / "checkpoints"
+    common = dict(RECIPE["common"], data_path=str(run / "data" / "corpus"), tokenizer=str(run / "teacher_hf_init"))
+    run_stage("distill", {**common, "teacher": str(ck / "teacher"), "load": str(ck / "align"),
+                          "layer_pattern": str(ck / "select" / "layer_pattern.txt"), "save": str(tmp_path / "d"),
+                          **RECIPE["stages"]["distill"], "train_iters": 3, "train_only_mixers": True})
+    mcore_to_hf(str(tmp_path / "d"), str(tmp_path / "hf"))
+    student = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    teacher = load_file(str(run / "hf_teacher" / "model.safetensors"))
+    kept = [k for k in student if ".self_attn." not in k and ".linear_attn." not in k]  # attention, RNN mixers
+    assert any("mlp" in k for k in kept) and any("embed_tokens" in k for k in kept)
+    for key in kept:
+        assert student[key].float().equal(teacher[key].float()), key
+    attention = [k for k in student if k.endswith(".self_attn.q_proj.weight")]
+    assert attention
+    for key in attention:  # the attention layers start as the teacher's: these moved in distill
+        assert not student[key].float().equal(teacher[key].float()), key
+
+
 def test_select_score_recall_ranks_by_the_recall_drop(recipe_run, tmp_path):
     """--select-score recall runs the same sweep and keeps the layers whose swap loses the most recall."""
     from megatron_hypenet.recipe import run_stage
@@ -151,6 +179,18 @@ def test_recall_score_keeps_the_layers_run_7s_ratio_passed_over():
     assert choose_attention_layers(importance_scores(recall, general, score="recall"), 3, general) == [5, 6, 7]
     with pytest.raises(ValueError, match="selection score 'loss': known scores are"):
         importance_scores(recall, general, score="loss")
+    # a recipe ablation with `layer_pattern: recall` re-ranks the main run's saved sweep, without running it again
+    from megatron_hypenet.recipe import ablation_pattern
+
+    selection = {"layer_pattern": "LLLALAALLLLL", "attention_layers": [3, 5, 6],
+                 "layers": [{"layer": i, "recall": r, "general": g} for i, (r, g) in enumerate(zip(recall, general))]}
+    assert rescored_pattern(selection, "recall") == "LLLLLAAALLLL"
+    assert rescored_pattern(selection, "ratio") == selection["layer_pattern"]
+    assert ablation_pattern({"layer_pattern": "recall"}, "LLLALAALLLLL", selection) == "LLLLLAAALLLL"
+    spec = {"layer_pattern": "recall", "options": {"rnn_mixer": "gated_deltanet"}}
+    assert ablation_pattern(spec, "LLLALAALLLLL", selection) == "DDDDDAAADDDD"
+    with pytest.raises(ValueError, match="ranks the main run's selection sweep by that score: the recipe needs a"):
+        ablation_pattern({"layer_pattern": "recall"}, "LLLALAALLLLL")
 
 
 def test_selection_eps_defaults_to_a_tenth_of_the_general_spread():

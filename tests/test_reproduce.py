@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from helpers import ROOT
+from megatron_hypenet.halo.select import rescored_pattern
 from megatron_hypenet.recipe import (
     HALO_STAGES,
     STUDENT,
@@ -203,13 +204,17 @@ def test_ablations_train_what_they_declare(smoke):
     assert [hf(f"hf_{n}")["layer_pattern"] for n in ("rope_everywhere", "nope_everywhere")] == [main, main]
     ablations = report["ablations"]
     assert ablations["broken"] == {"kind": "selection", "options": {},
-                                   "error": "ValueError: layer_pattern 'AL': give 'selected', 'even', or 4 letters A/L"}
+                                   "error": "ValueError: layer_pattern 'AL': give 'selected', 'even', one of "
+                                            "['ratio', 'recall'] or 4 letters A/L"}
     assert ablations["even_spacing"]["same_attention_layers_as_main"] == (main == "LLLA")
     assert ablations["rope_everywhere"]["same_attention_layers_as_main"] is True
     # reuse_align: no align of their own; nope_everywhere aligned its own RNN layers (no RoPE)
     assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
     assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
-    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True]
+    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True]
+    # recall_selection: the main sweep's saved rows ranked by recall drop alone
+    sweep = json.loads((ck / "select" / "selection.json").read_text())
+    assert hf("hf_recall_selection")["layer_pattern"] == rescored_pattern(sweep, "recall")
     assert not (work / "hf_broken").exists()
     assert yaml.safe_load((ck / "nope_everywhere" / "align" / "config.yaml").read_text())["no_lightning_rope"] is True
     assert "--load " + str(ck / "align") in next(c for c in report["commands"] if "rope_everywhere/distill" in c)
@@ -346,25 +351,29 @@ def test_loss_by_position_section_and_too_little_heldout_text(smoke, tmp_path):
 
 
 def test_ablation_workers_train_as_the_recipe_process_does(smoke, tmp_path):
-    """even_spacing trained by a worker process (the smoke run) and again in the recipe's own process
-    (ablation_workers 1, its checkpoints and export removed from a copy of the run) gives the same loss curves
-    and the same report rows; the other stages are skipped as finished."""
+    """even_spacing and nope_everywhere (whose own align a worker starts beside the main align) trained by
+    worker processes (the smoke run) and again in the recipe's own process (ablation_workers 1, their
+    checkpoints and exports removed from a copy of the run) give the same loss curves and the same report
+    rows; the other stages are skipped as finished."""
     import shutil
 
     work, report, recipe = smoke
     run = tmp_path / "run"
     shutil.copytree(work, run, symlinks=True)
-    shutil.rmtree(run / "checkpoints" / "even_spacing")
-    shutil.rmtree(run / "hf_even_spacing")
+    for name in ("even_spacing", "nope_everywhere"):
+        shutil.rmtree(run / "checkpoints" / name)
+        shutil.rmtree(run / f"hf_{name}")
     recipe = copy.deepcopy(recipe)
     recipe["ablation_workers"] = 1
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     again = run_recipe(str(tmp_path / "r.yaml"), str(run))
     assert again["ablation_workers"] == 1 and report["ablation_workers"] == 2
-    for stage in ("even_spacing/distill", "even_spacing/finetune"):
+    for stage in ("even_spacing/distill", "even_spacing/finetune", "nope_everywhere/align",
+                  "nope_everywhere/distill", "nope_everywhere/finetune"):
         ours, theirs = (torch.tensor(r["loss_curves"][stage]) for r in (again, report))
         assert torch.allclose(ours, theirs, rtol=1e-4), stage  # (the worker ran on fewer CPU threads)
-    assert again["models"]["even_spacing"] == pytest.approx(report["models"]["even_spacing"], rel=1e-3)
+    for name in ("even_spacing", "nope_everywhere"):
+        assert again["models"][name] == pytest.approx(report["models"][name], rel=1e-3), name
     assert again["models"][STUDENT] == report["models"][STUDENT]  # not retrained: the same export
     assert [c.replace(str(run), "W") for c in again["commands"]] == [c.replace(str(work), "W") for c in report["commands"]]
     with pytest.raises(ValueError, match="ablation_workers: 0; give the number of ablations"):
@@ -407,9 +416,11 @@ def test_gpu_recipe_sizes_and_budget():
     assert set(ev["tasks"]) == {"needle", "passkey"}
     # the ablations, with the patterns they will get for a selected 12-layer pattern
     selected = "LLLALLLLLLAL"
-    patterns = {name: ablation_pattern(spec, selected) for name, spec in recipe["ablations"].items()}
-    assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected,
-                        "even_spacing": "LLLLLALLLLLA", "gated_deltanet": "DDDADDDDDDAD"}
+    sweep = {"layer_pattern": selected, "attention_layers": [3, 10], "layers": [  # recall drops most at 5 and 10
+        {"layer": i, "recall": 0.1 if i in (5, 10) else 0.6, "general": -1.3 if i == 3 else -1.25} for i in range(12)]}
+    patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
+    assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLLLALLLLLA",
+                        "recall_selection": "LLLLLALLLLAL", "mixers_only": selected, "gated_deltanet": "DDDADDDDDDAD"}
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
     # the main student aligns with the calibrated init (the default). Align and distill build the student with the
     # short conv (distill refuses an align checkpoint of the other kind); select and finetune take the architecture

@@ -118,21 +118,15 @@ def check_rnn_mixers(pattern: str, rnn_pattern: str, rnn_path: str) -> None:
             f"--rnn-mixer that uses the checkpoint's mixers")
 
 
-def freeze_all_but_mixers(model) -> list:
-    """Stage 1 trains only the RNN mixers; returns the trainable parameters."""
+def freeze_all_but_mixers(model, rnn_only: bool = True) -> list:
+    """Freezes everything but the token mixers, of the RNN layers only (stage 1) or of every layer
+    (--train-only-mixers); returns the trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
     params = []
     for layer in model.decoder.layers:
-        for p in layer.parameters():
-            p.requires_grad_(False)
-        if isinstance(layer.self_attention, RNNMixer):
+        if not rnn_only or isinstance(layer.self_attention, RNNMixer):
             for p in layer.self_attention.parameters():
                 p.requires_grad_(True)
                 params.append(p)
-    for name in ("embedding", "output_layer"):
-        if getattr(model, name, None) is not None:
-            for p in getattr(model, name).parameters():
-                p.requires_grad_(False)
-    if model.decoder.final_layernorm is not None:
-        for p in model.decoder.final_layernorm.parameters():
-            p.requires_grad_(False)
     return params

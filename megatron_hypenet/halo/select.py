@@ -70,6 +70,21 @@ def choose_attention_layers(importance: Sequence[float], k: int, general: Sequen
     return sorted(order[:k])
 
 
+def rank_layers(rows: Sequence[dict], k: int, score: str = "ratio", eps: Optional[float] = None) -> tuple:
+    """(importance per layer, the k layers kept as attention) from the sweep's rows of recall and general score."""
+    recall, general = [r["recall"] for r in rows], [r["general"] for r in rows]
+    importance = importance_scores(recall, general, eps, score=score)
+    return importance, choose_attention_layers(importance, k, general)
+
+
+def rescored_pattern(result: dict, score: str, eps: Optional[float] = None) -> str:
+    """The layer pattern a finished sweep (its selection.json) gives under another --select-score: the same
+    measurements, ranked the other way, as many attention layers."""
+    _, chosen = rank_layers(result["layers"], len(result["attention_layers"]), score, eps)
+    rnn = next(m for m in result["layer_pattern"] if m != ATTENTION)
+    return pattern_with_attention(len(result["layer_pattern"]), chosen, rnn)
+
+
 def run_select(args) -> dict:
     """The sweep; a --save folder that already holds its result is returned as it is (like a finished
     training stage), so a re-run recipe keeps the pattern its later stages trained with."""
@@ -129,11 +144,9 @@ def run_select(args) -> dict:
         recall, general = score(pattern_with_attention(n, [j for j in range(n) if j != i], rnn))
         rows.append({"layer": i, "recall": recall, "general": general})
         log.info("layer %d swapped: recall %.3f, general %.4f", i, recall, general)
-    importance = importance_scores([r["recall"] for r in rows], [r["general"] for r in rows], args.select_eps,
-                                   score=args.select_score)
+    importance, chosen = rank_layers(rows, k, args.select_score, args.select_eps)
     for row, imp in zip(rows, importance):
         row["importance"] = imp
-    chosen = choose_attention_layers(importance, k, [r["general"] for r in rows])
     pattern = pattern_with_attention(n, chosen, rnn)
     result = {"layer_pattern": pattern, "attention_layers": chosen, "score": args.select_score,
               "teacher_recall": teacher_recall,

@@ -134,7 +134,9 @@ def _stage(student, desc, teacher, trainable, initialise, step, stacked=1) -> St
     return StageModels(student, desc, teacher, trainable, initialise, chunks, stacked)
 
 
-def _params(models) -> list:
+def _trainable(models, args) -> list:
+    if getattr(args, "train_only_mixers", False):
+        return [p for m in models for p in freeze_all_but_mixers(m, rnn_only=False)]
     return [p for m in models for p in m.parameters()]
 
 
@@ -180,7 +182,7 @@ def build_stage(args) -> StageModels:
         desc = read_model_description(checkpoint.resolve(args.load))
         student, desc = build_chunks(desc, args)
         init = lambda forward: checkpoint.load_checkpoint(args.load, student, desc, load_state=False)  # noqa: E731
-        return _stage(student, desc, None, _params(student), init, _ce_step(args))
+        return _stage(student, desc, None, _trainable(student, args), init, _ce_step(args))
 
     teacher, t_desc = _load_teacher(args)
     n_layers = t_desc["num_layers"]
@@ -216,7 +218,7 @@ def build_stage(args) -> StageModels:
             else:
                 load_hybrid(student, pattern, args.teacher, args.load)
 
-        return _stage(student, desc, teacher, _params(student), init, _distill_step(args), stacked=2)
+        return _stage(student, desc, teacher, _trainable(student, args), init, _distill_step(args), stacked=2)
     raise ValueError(f"stage {stage!r} does not train; see halo/select.py")
 
 
