@@ -273,6 +273,34 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
     assert (work / "results.md").read_text() == text  # the recipe wrote the same page
 
 
+def test_added_report_joins_the_page(smoke, tmp_path):
+    """write_results --add: a later run in the same work folder (here: the smoke report without even_spacing,
+    then the full one) puts its new models on the page; a report of another run is refused."""
+    from tools.write_results import PER_MODEL, PER_STAGE, main, merge_reports
+
+    _, report, _ = smoke
+    base = copy.deepcopy(report)
+    for key in PER_MODEL + PER_STAGE:
+        base[key] = {k: v for k, v in base[key].items() if not k.startswith("even_spacing")}
+    del base["long_loss"]["window_loss"]["even_spacing"]
+    extra = {**copy.deepcopy(report), "command": "python tools/halo.py --recipe later.yaml"}
+    merged = merge_reports(base, extra)
+    for key in PER_MODEL + PER_STAGE:
+        assert merged[key] == report[key], key
+    assert merged["long_loss"] == report["long_loss"] and merged["commands"] == report["commands"]
+    assert merged["added"] == [{"command": extra["command"], "date": report["date"], "models": ["even_spacing"]}]
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    main([str(tmp_path / "base.json"), "--add", str(tmp_path / "extra.json"), "--out", str(tmp_path / "page.md")])
+    page = (tmp_path / "page.md").read_text()
+    assert "- added: even_spacing by `python tools/halo.py --recipe later.yaml`" in page
+    assert "| even_spacing |" in page
+    other = copy.deepcopy(extra)
+    other["models"][STUDENT]["valid_loss"] += 0.1
+    with pytest.raises(ValueError, match="not a later run in the same work folder"):
+        merge_reports(base, other)
+
+
 def test_targets_follow_the_numbers(smoke):
     _, report, _ = smoke
     r = copy.deepcopy(report)

@@ -7,6 +7,12 @@ every run) and `accuracy_vs_length.png` (retrieval accuracy by prompt length, ev
 links them as `results/<name>.png`. Every number on the page, the targets' met / not met included, is
 computed from the report. `python tools/halo.py --recipe examples/reproduce.yaml` writes the same page
 into its work folder (`results.md` beside `results/`).
+
+    python tools/write_results.py runs/reproduce/results/report.json --add runs/extra/report.json --out docs/results.md
+
+`--add` takes the report of a later recipe run in the same work folder (a trimmed recipe that trained more
+ablations; every finished stage is skipped): its new models join the page, and it must agree with the first
+report on every model both have (the same teacher and student, not another run's).
 """
 
 import argparse
@@ -224,7 +230,10 @@ def markdown(report: dict, plots_link: str = "results") -> str:
     n = report["train_length"]
     lines = [f"# Results: {report['name']}", "",
              f"- device: {report['device']}", f"- date: {report['date']}",
-             f"- command: `{report['command']}` ({report['minutes']:.1f} min wall, everything below included)",
+             f"- command: `{report['command']}` ({report['minutes']:.1f} min wall, everything below included"
+             f"{' but what the next line adds' if report.get('added') else ''})",
+             *[f"- added: {', '.join(a['models'])} by `{a['command']}` ({a['date']}), later in the same work folder"
+               for a in report.get("added", [])],
              f"- training length N = {n} tokens; student layer pattern `{report['layer_pattern']}` ("
              f"{'chosen by HALO selection' if report.get('selection') else 'fixed by the recipe, no selection'}; "
              f"A = softmax attention)",
@@ -343,6 +352,32 @@ def markdown(report: dict, plots_link: str = "results") -> str:
     return "\n".join(lines)
 
 
+PER_MODEL = ("models", "parameters", "exports", "ablations")  # report keys holding one entry per model
+PER_STAGE = ("tokens", "tokens_per_s", "loss_curves")  # ... one entry per trained stage
+
+
+def merge_reports(report: dict, extra: dict) -> dict:
+    """`report` with the models and stages `extra` adds (see the module doc); `added` records where they came from."""
+    shared = set(report["models"]) & set(extra["models"])
+    differ = sorted(m for m in shared if report["models"][m] != extra["models"][m])
+    if differ or report["layer_pattern"] != extra["layer_pattern"]:
+        raise ValueError(f"the added report ({extra['command']}) measured {differ or 'another layer pattern'} "
+                         "differently: it is not a later run in the same work folder")
+    merged = json.loads(json.dumps(report))
+    new = [m for m in extra["models"] if m not in shared]
+    for key in PER_MODEL:
+        merged.setdefault(key, {}).update({m: v for m, v in extra.get(key, {}).items() if m in new})
+    for key in PER_STAGE:
+        merged.setdefault(key, {}).update({k: v for k, v in extra.get(key, {}).items() if k not in report.get(key, {})})
+    windows = (extra.get("long_loss") or {}).get("window_loss", {})
+    if "long_loss" in merged:
+        merged["long_loss"].setdefault("window_loss", {}).update({m: v for m, v in windows.items() if m in new})
+    merged["commands"] = report.get("commands", []) + [c for c in extra.get("commands", [])
+                                                      if c not in report.get("commands", [])]
+    merged["added"] = report.get("added", []) + [{"command": extra["command"], "date": extra["date"], "models": new}]
+    return merged
+
+
 def write_results(report: dict, out_md: str, plots_dir: str = "results") -> list:
     """Writes `out_md` and its plots into `<folder of out_md>/<plots_dir>/`; returns the paths written."""
     folder = os.path.join(os.path.dirname(os.path.abspath(out_md)), plots_dir)
@@ -360,9 +395,14 @@ def main(argv=None) -> list:
     p.add_argument("report", help="report.json written by a recipe (<work>/results/report.json)")
     p.add_argument("--out", required=True, help="the markdown page")
     p.add_argument("--plots-dir", default="results", help="folder for the plots, relative to the page's folder")
+    p.add_argument("--add", nargs="+", default=[], metavar="REPORT",
+                   help="reports of later recipe runs in the same work folder whose new models join the page")
     args = p.parse_args(argv)
     with open(args.report) as f:
         report = json.load(f)
+    for path in args.add:
+        with open(path) as f:
+            report = merge_reports(report, json.load(f))
     written = write_results(report, args.out, args.plots_dir)
     print("wrote " + ", ".join(written))
     return written
