@@ -27,7 +27,7 @@ from megatron_hypenet.recipe import (
     run_recipe,
 )
 from tools.build_local_corpus import build_local_corpus, candidate_files, is_heldout
-from tools.write_results import PLOTS, targets, write_results
+from tools.write_results import PLOTS, markdown, targets, write_results
 
 SMOKE = os.path.join(ROOT, "examples", "reproduce_smoke.yaml")
 GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
@@ -315,7 +315,15 @@ def test_targets_follow_the_numbers(smoke):
         for m in (4, 8):
             student[f"{task}@{m}x"] = 0.7
     teacher["needle@4x"] = 0.4
+    r["needle_examples"] = 100
     assert [t["met"] for t in targets(r)] == [True, True, True]
+    assert [t.get("significant") for t in targets(r)] == [None, True, True]  # 70 vs 40 of 100; 140 vs 100 of 200
+    few = {**r, "needle_examples": 4}  # the same accuracies on 4 prompts each: above by the rule, not significantly
+    assert [t["met"] for t in targets(few)] == [True, True, True]
+    assert [t.get("significant") for t in targets(few)] == [None, False, False]
+    assert "(3 vs 2 of 4, p = 1)" in targets(few)[1]["value"]
+    page = markdown({**few, "long_loss": None})  # (the smoke windows cover 1x and 2x only, not r's 4x and 8x)
+    assert page.count("**met by the rule**, not significant") == 2
     student["valid_loss"] = 2.0 * 1.051
     teacher["needle@4x"] = student["needle@4x"]  # equal is not above
     r["models"]["nope_everywhere"]["passkey@8x"] = 0.95  # mean 0.725 > HyPE's 0.7 at 8x

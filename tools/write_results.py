@@ -37,9 +37,25 @@ def retrieval_score(row: dict, tasks, multiplier: int) -> float:
     return sum(row[f"{task}@{multiplier}x"] for task in tasks) / len(tasks)
 
 
+def fisher_exact(a: int, n1: int, b: int, n2: int) -> float:
+    """Two-sided Fisher's exact test of a of n1 against b of n2 correct: the chance, with the margins fixed, of a
+    table no more likely than this one."""
+    k, n = a + b, n1 + n2
+    prob = lambda x: math.comb(n1, x) * math.comb(n2, k - x) / math.comb(n, k)  # noqa: E731
+    observed = prob(a)
+    return min(1.0, sum(prob(x) for x in range(max(0, k - n2), min(n1, k) + 1) if prob(x) <= observed * (1 + 1e-9)))
+
+
+SIGNIFICANCE = 0.05  # a target comparison whose Fisher p is at or above this is "met by the rule, not significant"
+
+
 def targets(report: dict) -> list:
-    """Issue #7's targets, each {target, value, met}; met is None where the report lacks what it needs."""
+    """Issue #7's targets, each {target, value, met, significant}: met by the rule (above, better); significant
+    when every comparison behind it has Fisher p < SIGNIFICANCE on the prompt counts (None: not tested). met is
+    None where the report lacks what it needs."""
     models, tasks, mults = report["models"], report["tasks"], report["multipliers"]
+    n = report["needle_examples"]
+    count = lambda row, keys: round(sum(row[k] for k in keys) * n)  # noqa: E731  (correct prompts)
     teacher, student = models[TEACHER], models[STUDENT]
     out = []
     ratio = student["valid_loss"] / teacher["valid_loss"]
@@ -48,8 +64,11 @@ def targets(report: dict) -> list:
                 "met": ratio <= 1 + LOSS_TOLERANCE})
     key = "needle@4x"
     if key in student:
+        a, b = count(student, [key]), count(teacher, [key])
+        p = fisher_exact(a, n, b, n)
         out.append({"target": "needle accuracy at 4x the training length above the teacher's",
-                    "value": f"{student[key]:.2f} vs {teacher[key]:.2f}", "met": student[key] > teacher[key]})
+                    "value": f"{student[key]:.2f} vs {teacher[key]:.2f} ({a} vs {b} of {n}, p = {p:.2g})",
+                    "met": student[key] > teacher[key], "significant": p < SIGNIFICANCE})
     else:
         out.append({"target": "needle accuracy at 4x the training length above the teacher's",
                     "value": "needle@4x not evaluated", "met": None})
@@ -63,13 +82,18 @@ def targets(report: dict) -> list:
     elif len(position) < 2 or len(lengths) < 2:
         out.append({"target": target, "value": "ablations or lengths not evaluated", "met": None})
     else:
-        cells, met = [], True
+        cells, met, significant = [], True, True
         for m in lengths:
+            keys = [f"{task}@{m}x" for task in tasks]
             main = retrieval_score(student, tasks, m)
             others = {name: retrieval_score(models[name], tasks, m) for name in position}
             met &= all(main > v for v in others.values())
-            cells.append(f"{m}x: HyPE {main:.2f} vs " + ", ".join(f"{n} {v:.2f}" for n, v in others.items()))
-        out.append({"target": target, "value": "; ".join(cells), "met": met})
+            p = {name: fisher_exact(count(student, keys), n * len(tasks), count(models[name], keys), n * len(tasks))
+                 for name in position}
+            significant &= all(v < SIGNIFICANCE for v in p.values())
+            cells.append(f"{m}x: HyPE {main:.2f} vs " + ", ".join(f"{name} {v:.2f} (p = {p[name]:.2g})"
+                                                                   for name, v in others.items()))
+        out.append({"target": target, "value": "; ".join(cells), "met": met, "significant": significant})
     return out
 
 
@@ -217,8 +241,12 @@ def plot_accuracy(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _met(value: Optional[bool]) -> str:
-    return "not evaluated" if value is None else ("**met**" if value else "**not met**")
+def _met(target: dict) -> str:
+    if target["met"] is None:
+        return "not evaluated"
+    if target["met"] and target.get("significant") is False:
+        return f"**met by the rule**, not significant (p >= {SIGNIFICANCE})"
+    return "**met**" if target["met"] else "**not met**"
 
 
 def _fmt(value, spec: str) -> str:
@@ -250,7 +278,8 @@ def markdown(report: dict, plots_link: str = "results") -> str:
         lines.append(f"- parameters: teacher {params[TEACHER] / 1e6:.1f}M, HypeNet {params[STUDENT] / 1e6:.1f}M")
 
     lines += ["", "## Targets (issue #7)", "", "| target | measured | |", "| --- | --- | --- |"]
-    lines += [f"| {t['target']} | {t['value']} | {_met(t['met'])} |" for t in targets(report)]
+    lines += [f"| {t['target']} | {t['value']} | {_met(t)} |" for t in targets(report)]
+    lines += ["", "p: Fisher's exact test on the counts of correct prompts (the tasks pooled for the position target)."]
 
     cols = [f"{task}@{m}x" for task in tasks for m in mults]
     lines += ["", "## Held-out loss and retrieval accuracy", "",
