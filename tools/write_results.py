@@ -41,9 +41,9 @@ def fisher_exact(a: int, n1: int, b: int, n2: int) -> float:
     """Two-sided Fisher's exact test of a of n1 against b of n2 correct: the chance, with the margins fixed, of a
     table no more likely than this one."""
     k, n = a + b, n1 + n2
-    prob = lambda x: math.comb(n1, x) * math.comb(n2, k - x) / math.comb(n, k)  # noqa: E731
-    observed = prob(a)
-    return min(1.0, sum(prob(x) for x in range(max(0, k - n2), min(n1, k) + 1) if prob(x) <= observed * (1 + 1e-9)))
+    probs = {x: math.comb(n1, x) * math.comb(n2, k - x) / math.comb(n, k)
+             for x in range(max(0, k - n2), min(n1, k) + 1)}
+    return min(1.0, sum(q for q in probs.values() if q <= probs[a] * (1 + 1e-9)))
 
 
 SIGNIFICANCE = 0.05  # a target comparison whose Fisher p is at or above this is "met by the rule, not significant"
@@ -88,8 +88,8 @@ def targets(report: dict) -> list:
             main = retrieval_score(student, tasks, m)
             others = {name: retrieval_score(models[name], tasks, m) for name in position}
             met &= all(main > v for v in others.values())
-            p = {name: fisher_exact(count(student, keys), n * len(tasks), count(models[name], keys), n * len(tasks))
-                 for name in position}
+            ours, prompts = count(student, keys), n * len(tasks)
+            p = {name: fisher_exact(ours, prompts, count(models[name], keys), prompts) for name in position}
             significant &= all(v < SIGNIFICANCE for v in p.values())
             cells.append(f"{m}x: HyPE {main:.2f} vs " + ", ".join(f"{name} {v:.2f} (p = {p[name]:.2g})"
                                                                    for name, v in others.items()))
