@@ -450,13 +450,25 @@ def test_gpu_recipe_sizes_and_budget():
     ev = recipe["eval"]
     assert ev["needle_multipliers"] == [1, 2, 4, 8] and ev["needle_examples"] >= 100
     assert set(ev["tasks"]) == {"needle", "passkey"}
-    # the ablations, with the patterns they will get for a selected 12-layer pattern
-    selected = "LLLALLLLLLAL"
-    sweep = {"layer_pattern": selected, "attention_layers": [3, 10], "layers": [  # recall drops most at 5 and 10
-        {"layer": i, "recall": 0.1 if i in (5, 10) else 0.6, "general": -1.3 if i == 3 else -1.25} for i in range(12)]}
+    # the ablations, with the patterns they will get from run 8's selection sweep (docs/results/run8/report.json)
+    assert recipe["stages"]["select"]["select_score"] == "recall"
+    with open(os.path.join(ROOT, "docs", "results", "run8", "report.json")) as f:
+        sweep = json.load(f)["selection"]
+    selected = rescored_pattern({**sweep, "layer_pattern": "L" * 12}, "recall")
+    sweep["layer_pattern"] = selected
+    assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
-    assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLLLALLLLLA",
-                        "recall_selection": "LLLLLALLLLAL", "mixers_only": selected, "gated_deltanet": "DDDADDDDDDAD"}
+    assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
+                        "ratio_selection": "LALLLLLALLAL", "all_weights": selected, "gated_deltanet": "ADDDDADDDDAD",
+                        "decay_fifth": selected, "low_lr": selected}
+    # the training variants each change one thing of the main student's distill; their options reach its finetune
+    # too, where lr 3e-4 and the decay over a fifth are the main student's values already
+    distill, finetune = recipe["stages"]["distill"], recipe["stages"]["finetune"]
+    assert distill["train_only_mixers"] and finetune["train_only_mixers"]
+    assert recipe["ablations"]["all_weights"]["options"] == {"train_only_mixers": False}
+    assert recipe["ablations"]["decay_fifth"]["options"] == {"lr_wsd_decay_fraction": 0.2}
+    assert distill["lr_wsd_decay_fraction"] == 0.5 and "lr_wsd_decay_fraction" not in finetune  # default 0.2
+    assert recipe["ablations"]["low_lr"]["options"] == {"lr": finetune["lr"]} and distill["lr"] > finetune["lr"]
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
     # the main student aligns with the calibrated init (the default). Align and distill build the student with the
     # short conv (distill refuses an align checkpoint of the other kind); select and finetune take the architecture
