@@ -477,6 +477,20 @@ def test_gpu_recipe_sizes_and_budget():
     assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
 
 
+def test_published_page_is_its_report_rendered():
+    """docs/results.md above its hand-written reading is exactly what write_results renders from the report
+    published beside it: no number on the page was typed by hand."""
+    page = open(os.path.join(ROOT, "docs", "results.md")).read()
+    generated, reading = page.split("\n## Reading the results (hand-written", 1)
+    links = re.findall(r"\]\((results/run\d+)/report\.json\)", reading)
+    assert links, "the reading links the run's report"
+    with open(os.path.join(ROOT, "docs", links[0], "report.json")) as f:
+        report = json.load(f)
+    assert generated == markdown(report, links[0])
+    for plot in PLOTS.values():
+        assert os.path.exists(os.path.join(ROOT, "docs", links[0], plot)), plot
+
+
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "budget_proxy.yaml")])
