@@ -101,3 +101,33 @@ def test_unsupported_layouts_are_refused():
         parse_args(base + ["--tensor-model-parallel-size", "2"])
     with pytest.raises(SystemExit):
         parse_args(["--stage", "finetune", "--load", "x", "--data-path", "x", "--deepspeed-config", "ds.json"])
+
+
+@pytest.fixture(scope="module")
+def mixers_runs(work):
+    """--train-only-mixers under the plain trainer and under ZeRO-3, world size 2."""
+    plain, zero = work / "mixers_plain", work / "mixers_zero"
+    torchrun(2, TRAINER, *_flags(work, plain, "--train-only-mixers"), timeout=600)
+    torchrun(2, TRAINER, *_flags(work, zero, "--train-only-mixers", "--zero-stage", 3), timeout=600)
+    return plain, zero
+
+
+def test_zero3_trains_only_the_mixers(work, mixers_runs):
+    """With --train-only-mixers, ZeRO-3 takes the plain trainer's steps, and both leave every weight outside the
+    token mixers (embeddings, MLPs, norms) exactly as loaded while the mixers move."""
+    plain, zero = mixers_runs
+    for p, z in zip(_metrics(plain), _metrics(zero)):
+        assert z["loss"] == pytest.approx(p["loss"], rel=1e-5), (p, z)
+        assert z["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, z)
+    initial = _weights(work / "hybrid")
+    for run in (plain, zero):
+        trained = _weights(run)
+        assert set(trained) == set(initial)
+        mixers = [k for k in trained if ".self_attention." in k]
+        assert mixers and len(mixers) < len(trained)
+        for key, value in trained.items():
+            if key in mixers:
+                assert not value.equal(initial[key]) or "norm" in key, (run.name, key)
+            else:
+                assert value.equal(initial[key]), (run.name, key)
+        assert any(not trained[k].equal(initial[k]) for k in mixers if "norm" not in k)
