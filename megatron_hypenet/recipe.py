@@ -13,18 +13,18 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
   files.
 - Without a `select` stage the main student takes `stages.distill.layer_pattern` (a fixed pattern).
-- `ablations: {name: {kind, options, reuse_align, layer_pattern, budget_scale}}`: student variants, each its own
-  distill + finetune (and align unless `reuse_align`: true when `options` do not change what align
-  trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main
-  student. `options` are stage flags applied to the variant's align, distill and finetune;
-  `layer_pattern` is `selected` (the main run's select result, the default), `even` (as many attention
-  layers, evenly spaced; no select run), `recall` or `ratio` (the main run's selection sweep ranked by that
-  --select-score: the same measurements, another rule) or a literal pattern. With `options.rnn_mixer` the recurrent
-  layers of the pattern take that mixer's letter (`config.RNN_MIXERS`). `budget_scale: k` multiplies the
-  `train_iters` of the HALO stages the variant trains (its align unless reused, distill, finetune): the same
-  student on k times the tokens. `kind: position` marks the ablations the "HyPE beats its ablations" target
-  compares with; the results page tabulates the loss gap against HALO tokens for the main run and the
-  `kind: budget` ones.
+- `ablations: {name: {kind, options, reuse_align, layer_pattern, num_attention_layers, budget_scale}}`: student
+  variants, each its own distill + finetune (and align unless `reuse_align`: true when `options` do not change what
+  align trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main student.
+  `options` are stage flags applied to the variant's align, distill and finetune; `layer_pattern` is `selected` (the
+  main run's select result, the default), `even` (as many attention layers, evenly spaced; no select run), `recall` or
+  `ratio` (the main run's selection sweep ranked by that --select-score: the same measurements, another rule) or a
+  literal pattern; with `even` or a score, `num_attention_layers` keeps that many attention layers instead of the main
+  student's number. With `options.rnn_mixer` the recurrent layers of the pattern take that mixer's letter
+  (`config.RNN_MIXERS`). `budget_scale: k` multiplies the `train_iters` of the HALO stages the variant trains (its
+  align unless reused, distill, finetune): the same student on k times the tokens. `kind: position` marks the
+  ablations the "HyPE beats its ablations" target compares with; the results page tabulates the loss gap against HALO
+  tokens for the main run and the `kind: budget` ones.
 - `ablation_workers: N` (default 1): train N ablations at once, each in a process of its own, beside the main
   student: a variant's own align (it needs only the teacher) beside the main align and select, the rest
   (which needs the selected pattern) beside the main distill and finetune. Small students leave the GPU idle
@@ -58,7 +58,7 @@ log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
 TEACHER, STUDENT = "teacher (Qwen3)", "student (HypeNet)"
-ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern", "budget_scale"}
+ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern", "num_attention_layers", "budget_scale"}
 HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
 RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
@@ -191,21 +191,26 @@ def _prepare_teacher_and_data(recipe: dict, work: str) -> tuple:
 def ablation_pattern(spec: dict, selected: str, selection: Optional[dict] = None) -> str:
     """The variant's layer pattern: the selected one, evenly spaced attention, the main sweep ranked by another
     --select-score (`selection`: its selection.json), or a literal; its recurrent layers in the letter of
-    `options.rnn_mixer`."""
+    `options.rnn_mixer`. `num_attention_layers` makes `even` or a ranking keep that many attention layers
+    instead of as many as the main student."""
     from megatron_hypenet.arguments import SELECT_SCORES
 
     choice = spec.get("layer_pattern", "selected")
+    k = spec.get("num_attention_layers")  # its type and layer_pattern: check_ablations, before anything runs
+    if k is not None and not k < len(selected):
+        raise ValueError(f"num_attention_layers {k}: the student has {len(selected)} layers; keep at most "
+                         f"{len(selected) - 1} as attention")
     if choice == "selected":
         pattern = selected
     elif choice == "even":
-        pattern = even_pattern(len(selected), selected.count("A"))
+        pattern = even_pattern(len(selected), k or selected.count("A"))
     elif choice in SELECT_SCORES:
         if selection is None:
             raise ValueError(f"layer_pattern {choice!r} ranks the main run's selection sweep by that score: the "
                              "recipe needs a `select` stage")
         from megatron_hypenet.halo.select import rescored_pattern
 
-        pattern = rescored_pattern(selection, choice)
+        pattern = rescored_pattern(selection, choice, k=k)
     else:
         pattern = choice
         if len(pattern) != len(selected) or set(pattern) - {"A", "L"}:
@@ -229,6 +234,8 @@ def fixed_pattern(stages: dict) -> str:
 
 
 def check_ablations(ablations: dict) -> None:
+    from megatron_hypenet.arguments import SELECT_SCORES
+
     for name, spec in ablations.items():
         unknown = set(spec) - ABLATION_KEYS
         if unknown:
@@ -237,6 +244,12 @@ def check_ablations(ablations: dict) -> None:
             raise ValueError(f"ablation {name!r}: use letters, digits, '_' and '-' (it names folders)")
         if name in RESERVED_NAMES:  # hf_<name> and checkpoints/<name> would be the main run's folders
             raise ValueError(f"ablation {name!r}: the names {sorted(RESERVED_NAMES)} belong to the main run")
+        k, choice = spec.get("num_attention_layers"), spec.get("layer_pattern", "selected")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1
+                              or choice not in ("even", *SELECT_SCORES)):
+            raise ValueError(f"ablation {name!r}: num_attention_layers {k!r} with layer_pattern {choice!r}: give a "
+                             f"whole number >= 1 with layer_pattern 'even' or one of {list(SELECT_SCORES)} (a "
+                             "selected or literal pattern fixes its own number)")
         scale = spec.get("budget_scale", 1)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"ablation {name!r}: budget_scale must be a number > 0 (a multiple of the HALO "

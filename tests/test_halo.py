@@ -193,6 +193,11 @@ def test_recall_score_keeps_the_layers_run_7s_ratio_passed_over():
     assert ablation_pattern(spec, "LLLALAALLLLL", selection) == "DDDDDAAADDDD"
     with pytest.raises(ValueError, match="ranks the main run's selection sweep by that score: the recipe needs a"):
         ablation_pattern({"layer_pattern": "recall"}, "LLLALAALLLLL")
+    # one more attention layer than the sweep kept: the next layer in each ranking joins
+    assert rescored_pattern(selection, "recall", k=4) == "ALLLLAAALLLL"  # layer 0: recall drop 0.086, next after 7
+    four = {"layer_pattern": "recall", "num_attention_layers": 4}
+    assert ablation_pattern(four, "LLLALAALLLLL", selection) == rescored_pattern(selection, "recall", k=4)
+    assert ablation_pattern({"layer_pattern": "even", "num_attention_layers": 4}, "LLLALAALLLLL") == "LLALLALLALLA"
 
 
 def test_selection_eps_defaults_to_a_tenth_of_the_general_spread():

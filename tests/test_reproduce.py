@@ -212,9 +212,10 @@ def test_ablations_train_what_they_declare(smoke):
     assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
     assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
     assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True]
-    # recall_selection: the main sweep's saved rows ranked by recall drop alone
+    # recall_two_layers: the main sweep's saved rows ranked by recall drop alone, keeping two attention layers
     sweep = json.loads((ck / "select" / "selection.json").read_text())
-    assert hf("hf_recall_selection")["layer_pattern"] == rescored_pattern(sweep, "recall")
+    assert hf("hf_recall_two_layers")["layer_pattern"] == rescored_pattern(sweep, "recall", k=2)
+    assert hf("hf_recall_two_layers")["layer_pattern"].count("A") == 2 == main.count("A") + 1
     assert not (work / "hf_broken").exists()
     assert yaml.safe_load((ck / "nope_everywhere" / "align" / "config.yaml").read_text())["no_lightning_rope"] is True
     assert "--load " + str(ck / "align") in next(c for c in report["commands"] if "rope_everywhere/distill" in c)
@@ -515,6 +516,16 @@ def test_ablation_pattern_errors():
         ablation_pattern({"layer_pattern": "AL"}, "LLLA")
     with pytest.raises(ValueError, match="rnn_mixer 'mamba'"):
         ablation_pattern({"options": {"rnn_mixer": "mamba"}}, "LLLA")
+    with pytest.raises(ValueError, match="the student has 4 layers; keep at most 3 as attention"):
+        ablation_pattern({"layer_pattern": "even", "num_attention_layers": 4}, "LLLA")
+    from megatron_hypenet.recipe import check_ablations
+
+    for spec in ({"layer_pattern": "even", "num_attention_layers": 0}, {"layer_pattern": "even",
+                 "num_attention_layers": "2"}, {"num_attention_layers": 2}, {"layer_pattern": "LLAA",
+                 "num_attention_layers": 2}, {"layer_pattern": "recall", "num_attention_layers": True}):
+        with pytest.raises(ValueError, match="give a whole number >= 1 with layer_pattern 'even' or one of"):
+            check_ablations({"x": {"kind": "selection", **spec}})
+    check_ablations({"x": {"kind": "selection", "layer_pattern": "ratio", "num_attention_layers": 2}})
     rng = random.Random(0)
     for _ in range(20):
         n = rng.randint(2, 40)

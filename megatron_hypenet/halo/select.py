@@ -77,10 +77,10 @@ def rank_layers(rows: Sequence[dict], k: int, score: str = "ratio", eps: Optiona
     return importance, choose_attention_layers(importance, k, general)
 
 
-def rescored_pattern(result: dict, score: str, eps: Optional[float] = None) -> str:
+def rescored_pattern(result: dict, score: str, eps: Optional[float] = None, k: Optional[int] = None) -> str:
     """The layer pattern a finished sweep (its selection.json) gives under another --select-score: the same
-    measurements, ranked the other way, as many attention layers."""
-    _, chosen = rank_layers(result["layers"], len(result["attention_layers"]), score, eps)
+    measurements, ranked the other way, keeping `k` attention layers (default: as many as the sweep kept)."""
+    _, chosen = rank_layers(result["layers"], k or len(result["attention_layers"]), score, eps)
     rnn = next(m for m in result["layer_pattern"] if m != ATTENTION)
     return pattern_with_attention(len(result["layer_pattern"]), chosen, rnn)
 
