@@ -13,10 +13,11 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
   files.
 - Without a `select` stage the main student takes `stages.distill.layer_pattern` (a fixed pattern).
-- `ablations: {name: {kind, options, reuse_align, layer_pattern, num_attention_layers, budget_scale}}`: student
+- `ablations: {name: {kind, options, stages, reuse_align, layer_pattern, num_attention_layers, budget_scale}}`: student
   variants, each its own distill + finetune (and align unless `reuse_align`: true when `options` do not change what
   align trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main student.
-  `options` are stage flags applied to the variant's align, distill and finetune; `layer_pattern` is `selected` (the
+  `options` are stage flags applied to the variant's align, distill and finetune, `stages: {align|distill|finetune:
+  {flags}}` flags of one stage (over the recipe's `stages`, e.g. another distill lr); `layer_pattern` is `selected` (the
   main run's select result, the default), `even` (as many attention layers, evenly spaced; no select run), `recall` or
   `ratio` (the main run's selection sweep ranked by that --select-score: the same measurements, another rule) or a
   literal pattern; with `even` or a score, `num_attention_layers` keeps that many attention layers instead of the main
@@ -58,7 +59,7 @@ log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
 TEACHER, STUDENT = "teacher (Qwen3)", "student (HypeNet)"
-ABLATION_KEYS = {"kind", "options", "reuse_align", "layer_pattern", "num_attention_layers", "budget_scale"}
+ABLATION_KEYS = {"kind", "options", "stages", "reuse_align", "layer_pattern", "num_attention_layers", "budget_scale"}
 HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
 RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
@@ -250,10 +251,21 @@ def check_ablations(ablations: dict) -> None:
             raise ValueError(f"ablation {name!r}: num_attention_layers {k!r} with layer_pattern {choice!r}: give a "
                              f"whole number >= 1 with layer_pattern 'even' or one of {list(SELECT_SCORES)} (a "
                              "selected or literal pattern fixes its own number)")
+        per_stage = spec.get("stages", {})
+        if not isinstance(per_stage, dict) or set(per_stage) - set(HALO_STAGES) or \
+                not all(isinstance(v, dict) for v in per_stage.values()):
+            raise ValueError(f"ablation {name!r}: stages {per_stage!r}: give {{stage: {{flag: value}}}} for stages among "
+                             f"{list(HALO_STAGES)} (flags for every stage go in `options`)")
         scale = spec.get("budget_scale", 1)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"ablation {name!r}: budget_scale must be a number > 0 (a multiple of the HALO "
                              f"stages' train_iters), got {scale!r}")
+
+
+def variant_stages(stages: dict, spec: dict) -> dict:
+    """The recipe's `stages` with an ablation's per-stage flags (its `stages` key) over them."""
+    per_stage = spec.get("stages", {})
+    return {name: {**options, **per_stage.get(name, {})} for name, options in stages.items()}
 
 
 def scaled_stage(options: dict, scale: float) -> dict:
@@ -474,7 +486,8 @@ def export(run: _Runner, checkpoint: str, out: str) -> None:
 
 
 def ablation_align(run: _Runner, name: str, spec: dict, stages: dict, teacher: str) -> str:
-    """The variant's align checkpoint: the main run's, or its own (trained here unless already complete)."""
+    """The variant's align checkpoint: the main run's, or its own (trained here unless already complete).
+    `stages`: the variant's (`variant_stages`)."""
     if spec.get("reuse_align"):
         return run.ck("align")
     align = run.ck(os.path.join(name, "align"))
@@ -486,7 +499,7 @@ def ablation_align(run: _Runner, name: str, spec: dict, stages: dict, teacher: s
 
 def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
     """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
-    options = dict(spec.get("options") or {})
+    options, stages = dict(spec.get("options") or {}), variant_stages(stages, spec)
     scale, reuse_align = spec.get("budget_scale", 1), bool(spec.get("reuse_align"))
     ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
     align = ablation_align(run, name, spec, stages, teacher)
@@ -500,7 +513,7 @@ def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str
         run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"),
                                              **scaled_stage(stages["finetune"], scale), **options})
         final = ck("finetune")
-    return {"kind": spec.get("kind"), "options": options, "reused_align": reuse_align,
+    return {"kind": spec.get("kind"), "options": options, "stages": spec.get("stages", {}), "reused_align": reuse_align,
             "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
             "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
@@ -531,7 +544,8 @@ def run_ablation_and_export(run: _Runner, name: str, spec: dict, stages: dict, t
 
 def _failed_ablation(name: str, spec: dict, err: Exception) -> dict:
     log.error("ablation %s failed; the report goes on without it", name, exc_info=err)
-    return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "error": f"{type(err).__name__}: {err}"}
+    return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "stages": spec.get("stages", {}),
+            "error": f"{type(err).__name__}: {err}"}
 
 
 @contextlib.contextmanager
@@ -570,7 +584,7 @@ def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dic
     run = _Runner(work, common)
     run.tokens.update(tokens)
     if selected is None:
-        ablation_align(run, name, spec, stages, teacher)
+        ablation_align(run, name, spec, variant_stages(stages, spec), teacher)
         return None
     variant, folder = run_ablation_and_export(run, name, spec, stages, teacher, selected)
     return variant, folder, run.records()

@@ -38,9 +38,12 @@ def load(path):
         return yaml.safe_load(f)
 
 
-def planned_tokens(recipe: dict, stage: str, dp: int = 1) -> int:
-    """iterations x global batch x sequence length, from a recipe's flags alone."""
-    options = {**recipe["common"], **recipe["stages"][stage]}
+def planned_tokens(recipe: dict, stage: str, dp: int = 1, ablation: str = None) -> int:
+    """iterations x global batch x sequence length, from a recipe's flags alone (of an ablation's stage: with its
+    `options` and per-stage flags)."""
+    spec = recipe["ablations"][ablation] if ablation else {}
+    options = {**recipe["common"], **recipe["stages"][stage], **spec.get("options", {}),
+               **spec.get("stages", {}).get(stage, {})}
     batch = options.get("global_batch_size") or options["micro_batch_size"] * dp
     return options["train_iters"] * batch * options["seq_length"]
 
@@ -203,7 +206,7 @@ def test_ablations_train_what_they_declare(smoke):
     assert hf("hf_even_spacing")["layer_pattern"] == even_pattern(len(main), main.count("A")) == "LLLA"
     assert [hf(f"hf_{n}")["layer_pattern"] for n in ("rope_everywhere", "nope_everywhere")] == [main, main]
     ablations = report["ablations"]
-    assert ablations["broken"] == {"kind": "selection", "options": {},
+    assert ablations["broken"] == {"kind": "selection", "options": {}, "stages": {},
                                    "error": "ValueError: layer_pattern 'AL': give 'selected', 'even', one of "
                                             "['ratio', 'recall'] or 4 letters A/L"}
     assert ablations["even_spacing"]["same_attention_layers_as_main"] == (main == "LLLA")
@@ -211,7 +214,7 @@ def test_ablations_train_what_they_declare(smoke):
     # reuse_align: no align of their own; nope_everywhere aligned its own RNN layers (no RoPE)
     assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
     assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
-    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True]
+    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True, True]
     # recall_two_layers: the main sweep's saved rows ranked by recall drop alone, keeping two attention layers
     sweep = json.loads((ck / "select" / "selection.json").read_text())
     assert hf("hf_recall_two_layers")["layer_pattern"] == rescored_pattern(sweep, "recall", k=2)
@@ -219,6 +222,14 @@ def test_ablations_train_what_they_declare(smoke):
     assert not (work / "hf_broken").exists()
     assert yaml.safe_load((ck / "nope_everywhere" / "align" / "config.yaml").read_text())["no_lightning_rope"] is True
     assert "--load " + str(ck / "align") in next(c for c in report["commands"] if "rope_everywhere/distill" in c)
+    # distill_heavy: its per-stage flags reach only their stage; the other flags are the main student's
+    main_distill, main_finetune = (yaml.safe_load((ck / s / "config.yaml").read_text()) for s in ("distill", "finetune"))
+    distill, finetune = (yaml.safe_load((ck / "distill_heavy" / s / "config.yaml").read_text())
+                         for s in ("distill", "finetune"))
+    assert (distill["train_iters"], finetune["train_iters"]) == (10, 2)
+    drop = lambda c: {k: v for k, v in c.items() if k not in ("train_iters", "save", "load")}  # noqa: E731
+    assert drop(distill) == drop(main_distill) and drop(finetune) == drop(main_finetune)
+    assert ablations["distill_heavy"]["stages"] == {"distill": {"train_iters": 10}, "finetune": {"train_iters": 2}}
 
 
 def test_token_budget_arithmetic(smoke):
@@ -228,9 +239,12 @@ def test_token_budget_arithmetic(smoke):
         assert tokens[stage] == planned_tokens(recipe, stage)
     for name, spec in recipe["ablations"].items():
         scale = spec.get("budget_scale", 1)
-        assert tokens[f"{name}/distill"] == scale * planned_tokens(recipe, "distill")
-        assert tokens[f"{name}/finetune"] == scale * planned_tokens(recipe, "finetune")
+        assert tokens[f"{name}/distill"] == scale * planned_tokens(recipe, "distill", ablation=name)
+        assert tokens[f"{name}/finetune"] == scale * planned_tokens(recipe, "finetune", ablation=name)
     halo = sum(planned_tokens(recipe, s) for s in HALO_STAGES)
+    # distill_heavy moves finetune's tokens to distill: the main student's budget, spent differently
+    assert report["ablations"]["distill_heavy"]["halo_tokens"] == halo
+    assert tokens["distill_heavy/distill"] > tokens["distill"]
     # budget_x2 reuses the main align and doubles distill and finetune
     assert report["ablations"]["budget_x2"]["halo_tokens"] == halo + sum(planned_tokens(recipe, s) for s in HALO_STAGES[1:])
     budget = report["halo_budget"]
@@ -460,22 +474,31 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "ratio_selection": "LALLLLLALLAL", "all_weights": selected, "gated_deltanet": "ADDDDADDDDAD",
-                        "decay_fifth": selected, "low_lr": selected}
-    # the training variants each change one thing of the main student's distill; their options reach its finetune
-    # too, where lr 3e-4 and the decay over a fifth are the main student's values already
+                        "gated_deltanet": "ADDDDADDDDAD", "recall_four": rescored_pattern(sweep, "recall", k=4),
+                        "distill_lr_1e-3": selected, "long_finetune": selected, "run9_training": selected}
+    assert patterns["recall_four"].count("A") == 4 and set(_attention(selected)) < set(_attention(patterns["recall_four"]))
+    # every variant spends the main student's HALO tokens
+    for name in recipe["ablations"]:
+        assert sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES) == budget["halo_tokens"], name
+    # the training variants each take back one of run 10's changes (or both: run 9's main student)
     distill, finetune = recipe["stages"]["distill"], recipe["stages"]["finetune"]
-    assert distill["train_only_mixers"] and finetune["train_only_mixers"]
-    assert recipe["ablations"]["all_weights"]["options"] == {"train_only_mixers": False}
-    assert recipe["ablations"]["decay_fifth"]["options"] == {"lr_wsd_decay_fraction": 0.2}
-    assert distill["lr_wsd_decay_fraction"] == 0.5 and "lr_wsd_decay_fraction" not in finetune  # default 0.2
-    assert recipe["ablations"]["low_lr"]["options"] == {"lr": finetune["lr"]} and distill["lr"] > finetune["lr"]
+    assert distill["train_only_mixers"] and finetune["train_only_mixers"] and distill["lr_wsd_decay_fraction"] == 0.5
+    run9 = {"distill": {"lr": 1.0e-3, "train_iters": 800}, "finetune": {"train_iters": 140, "lr_warmup_iters": 10}}
+    assert (distill["lr"], distill["train_iters"], finetune["train_iters"]) == (2.0e-3, 1000, 40)
+    assert recipe["ablations"]["run9_training"]["stages"] == run9
+    assert recipe["ablations"]["distill_lr_1e-3"]["stages"] == {"distill": {"lr": 1.0e-3}}
+    assert recipe["ablations"]["long_finetune"]["stages"] == {"distill": {"train_iters": 800},
+                                                              "finetune": run9["finetune"]}
     assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
     # the main student aligns with the calibrated init (the default). Align and distill build the student with the
     # short conv (distill refuses an align checkpoint of the other kind); select and finetune take the architecture
     # from their --load checkpoint and carry the flag so that their command lines say what the model is
     assert "align_init" not in recipe["stages"]["align"]
     assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
+
+
+def _attention(pattern: str) -> list:
+    return [i for i, m in enumerate(pattern) if m == "A"]
 
 
 def test_published_page_is_its_report_rendered():
@@ -496,18 +519,17 @@ def test_published_page_is_its_report_rendered():
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "budget_proxy.yaml")])
 def test_gpu_recipe_flags_parse(path):
-    """Every stage's flags (with each ablation's options) are pretrain_hypenet.py flags."""
+    """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags."""
     from megatron_hypenet.arguments import build_parser, parse_args
-    from megatron_hypenet.recipe import to_flags
+    from megatron_hypenet.recipe import to_flags, variant_stages
 
     recipe = load(path)
     known = {a.dest for a in build_parser()._actions}
-    variants = [{}] + [a.get("options") or {} for a in recipe.get("ablations", {}).values()]
-    assert {k for v in variants for k in v} <= known
-    for stage, flags in recipe["stages"].items():
-        for extra in variants:
-            options = {**recipe["common"], **flags, **extra, "data_path": "d", "teacher": "t", "load": "l"}
-            args = parse_args(["--stage", stage, *to_flags(options)])
+    for spec in [{}, *recipe.get("ablations", {}).values()]:
+        for stage, flags in variant_stages(recipe["stages"], spec).items():
+            options = {**recipe["common"], **flags, **(spec.get("options") or {})}
+            assert set(options) <= known, set(options) - known
+            args = parse_args(["--stage", stage, *to_flags({**options, "data_path": "d", "teacher": "t", "load": "l"})])
             assert args.seq_length == options["seq_length"] and args.bf16 == recipe["common"].get("bf16", False)
 
 
@@ -565,6 +587,18 @@ def test_budget_scale_multiplies_the_halo_iterations():
     for bad in (0, -1, "2", True):
         with pytest.raises(ValueError, match="budget_scale must be a number > 0"):
             check_ablations({"x": {"kind": "budget", "budget_scale": bad}})
+
+
+def test_ablation_stage_flags_are_checked():
+    from megatron_hypenet.recipe import check_ablations, variant_stages
+
+    stages = {"align": {"lr": 1e-2}, "distill": {"lr": 1e-3, "train_iters": 8}, "finetune": {"lr": 3e-4}}
+    assert variant_stages(stages, {"stages": {"distill": {"lr": 2e-3}}}) == {
+        "align": {"lr": 1e-2}, "distill": {"lr": 2e-3, "train_iters": 8}, "finetune": {"lr": 3e-4}}
+    assert variant_stages(stages, {}) == stages
+    for bad in ({"select": {"num_attention_layers": 2}}, {"distill": 2e-3}, [{"distill": {}}]):
+        with pytest.raises(ValueError, match="give {stage: {flag: value}}"):
+            check_ablations({"x": {"kind": "training", "stages": bad}})
 
 
 def test_ablation_names_of_the_main_run_are_refused():

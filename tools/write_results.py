@@ -21,7 +21,6 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -298,7 +297,9 @@ def markdown(report: dict, plots_link: str = "results") -> str:
                   " | ".join(f"d {c}" for c in cols) + " |",
                   "| --- | --- | --- | --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
         for name, a in ablations.items():
-            opts = ", ".join(f"{k}={v}" for k, v in a["options"].items()) or "-"
+            opts = ", ".join([f"{k}={v}" for k, v in a["options"].items()] +
+                             [f"{stage}.{k}={v}" for stage, flags in a.get("stages", {}).items()
+                              for k, v in flags.items()]) or "-"
             if "error" in a:
                 lines.append(f"| {name} | {a.get('kind') or '-'} | {opts} | failed: {a['error'][:200]} |")
                 continue
