@@ -17,15 +17,15 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   variants, each its own distill + finetune (and align unless `reuse_align`: true when `options` do not change what
   align trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main student.
   `options` are stage flags applied to the variant's align, distill and finetune, `stages: {align|distill|finetune:
-  {flags}}` flags of one stage (over the recipe's `stages`, e.g. another distill lr); `layer_pattern` is `selected` (the
-  main run's select result, the default), `even` (as many attention layers, evenly spaced; no select run), `recall` or
-  `ratio` (the main run's selection sweep ranked by that --select-score: the same measurements, another rule) or a
-  literal pattern; with `even` or a score, `num_attention_layers` keeps that many attention layers instead of the main
-  student's number. With `options.rnn_mixer` the recurrent layers of the pattern take that mixer's letter
-  (`config.RNN_MIXERS`). `budget_scale: k` multiplies the `train_iters` of the HALO stages the variant trains (its
-  align unless reused, distill, finetune): the same student on k times the tokens. `kind: position` marks the
-  ablations the "HyPE beats its ablations" target compares with; the results page tabulates the loss gap against HALO
-  tokens for the main run and the `kind: budget` ones.
+  {flags}}` flags of one stage (over the recipe's `stages` and `options`, e.g. another distill lr); `layer_pattern` is
+  `selected` (the main run's select result, the default), `even` (as many attention layers, evenly spaced; no select
+  run), `recall` or `ratio` (the main run's selection sweep ranked by that --select-score: the same measurements,
+  another rule) or a literal pattern; with `even` or a score, `num_attention_layers` keeps that many attention layers
+  instead of the main student's number. With `options.rnn_mixer` the recurrent layers of the pattern take that mixer's
+  letter (`config.RNN_MIXERS`). `budget_scale: k` multiplies the recipe's `train_iters` of the HALO stages the variant
+  trains (its align unless reused, distill, finetune): the same student on k times the tokens. `kind: position`
+  marks the ablations the "HyPE beats its ablations" target compares with; the results page tabulates the loss gap
+  against HALO tokens for the main run and the `kind: budget` ones.
 - `ablation_workers: N` (default 1): train N ablations at once, each in a process of its own, beside the main
   student: a variant's own align (it needs only the teacher) beside the main align and select, the rest
   (which needs the selected pattern) beside the main distill and finetune. Small students leave the GPU idle
@@ -256,6 +256,8 @@ def check_ablations(ablations: dict) -> None:
                 not all(isinstance(v, dict) for v in per_stage.values()):
             raise ValueError(f"ablation {name!r}: stages {per_stage!r}: give {{stage: {{flag: value}}}} for stages among "
                              f"{list(HALO_STAGES)} (flags for every stage go in `options`)")
+        if "align" in per_stage and spec.get("reuse_align"):  # its align flags would silently do nothing
+            raise ValueError(f"ablation {name!r}: stages.align flags need the variant's own align; drop reuse_align")
         scale = spec.get("budget_scale", 1)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"ablation {name!r}: budget_scale must be a number > 0 (a multiple of the HALO "
@@ -263,9 +265,11 @@ def check_ablations(ablations: dict) -> None:
 
 
 def variant_stages(stages: dict, spec: dict) -> dict:
-    """The recipe's `stages` with an ablation's per-stage flags (its `stages` key) over them."""
-    per_stage = spec.get("stages", {})
-    return {name: {**options, **per_stage.get(name, {})} for name, options in stages.items()}
+    """The recipe's `stages` as an ablation trains them: their train_iters times its `budget_scale`, its `options`
+    over every stage, its per-stage flags (its `stages` key) over those (the variant's own train_iters as given)."""
+    options, per_stage, scale = spec.get("options") or {}, spec.get("stages", {}), spec.get("budget_scale", 1)
+    return {name: {**scaled_stage(flags, scale), **options, **per_stage.get(name, {})}
+            for name, flags in stages.items()}
 
 
 def scaled_stage(options: dict, scale: float) -> dict:
@@ -491,30 +495,26 @@ def ablation_align(run: _Runner, name: str, spec: dict, stages: dict, teacher: s
     if spec.get("reuse_align"):
         return run.ck("align")
     align = run.ck(os.path.join(name, "align"))
-    run(f"{name}/align", "align", {"teacher": teacher, "save": align,
-                                   **scaled_stage(stages.get("align", {}), spec.get("budget_scale", 1)),
-                                   **(spec.get("options") or {})})
+    run(f"{name}/align", "align", {"teacher": teacher, "save": align, **stages.get("align", {})})
     return align
 
 
 def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str, selected: str) -> dict:
     """One student variant: (align,) distill, finetune, with the variant's options on each stage."""
-    options, stages = dict(spec.get("options") or {}), variant_stages(stages, spec)
-    scale, reuse_align = spec.get("budget_scale", 1), bool(spec.get("reuse_align"))
+    stages, reuse_align = variant_stages(stages, spec), bool(spec.get("reuse_align"))
     ck = lambda stage: run.ck(os.path.join(name, stage))  # noqa: E731
     align = ablation_align(run, name, spec, stages, teacher)
     pattern = ablation_pattern(spec, selected, _main_selection(run))
     # the variant's pattern wins over a fixed `stages.distill.layer_pattern` of the main run
-    run(f"{name}/distill", "distill", {"teacher": teacher, "load": align,
-                                       **scaled_stage(stages.get("distill", {}), scale), **options,
+    run(f"{name}/distill", "distill", {"teacher": teacher, "load": align, **stages.get("distill", {}),
                                        "layer_pattern": pattern, "save": ck("distill")})
     final = ck("distill")
     if "finetune" in stages:
-        run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"),
-                                             **scaled_stage(stages["finetune"], scale), **options})
+        run(f"{name}/finetune", "finetune", {"load": final, "save": ck("finetune"), **stages["finetune"]})
         final = ck("finetune")
-    return {"kind": spec.get("kind"), "options": options, "stages": spec.get("stages", {}), "reused_align": reuse_align,
-            "layer_pattern": pattern, "checkpoint": final, "budget_scale": scale,
+    return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "stages": spec.get("stages", {}),
+            "reused_align": reuse_align, "layer_pattern": pattern, "checkpoint": final,
+            "budget_scale": spec.get("budget_scale", 1),
             "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
 

@@ -527,7 +527,7 @@ def test_gpu_recipe_flags_parse(path):
     known = {a.dest for a in build_parser()._actions}
     for spec in [{}, *recipe.get("ablations", {}).values()]:
         for stage, flags in variant_stages(recipe["stages"], spec).items():
-            options = {**recipe["common"], **flags, **(spec.get("options") or {})}
+            options = {**recipe["common"], **flags}  # (variant_stages puts the ablation's options in)
             assert set(options) <= known, set(options) - known
             args = parse_args(["--stage", stage, *to_flags({**options, "data_path": "d", "teacher": "t", "load": "l"})])
             assert args.seq_length == options["seq_length"] and args.bf16 == recipe["common"].get("bf16", False)
@@ -596,9 +596,18 @@ def test_ablation_stage_flags_are_checked():
     assert variant_stages(stages, {"stages": {"distill": {"lr": 2e-3}}}) == {
         "align": {"lr": 1e-2}, "distill": {"lr": 2e-3, "train_iters": 8}, "finetune": {"lr": 3e-4}}
     assert variant_stages(stages, {}) == stages
+    # a stage's own flags win over `options`; budget_scale multiplies the recipe's train_iters, not the variant's own
+    spec = {"options": {"lr": 5e-4, "train_iters": 3}, "stages": {"distill": {"lr": 2e-3}}, "budget_scale": 2}
+    assert variant_stages(stages, spec) == {"align": {"lr": 5e-4, "train_iters": 3},
+                                            "distill": {"lr": 2e-3, "train_iters": 3},
+                                            "finetune": {"lr": 5e-4, "train_iters": 3}}
+    assert variant_stages(stages, {"budget_scale": 2})["distill"] == {"lr": 1e-3, "train_iters": 16}
     for bad in ({"select": {"num_attention_layers": 2}}, {"distill": 2e-3}, [{"distill": {}}]):
         with pytest.raises(ValueError, match="give {stage: {flag: value}}"):
             check_ablations({"x": {"kind": "training", "stages": bad}})
+    with pytest.raises(ValueError, match="stages.align flags need the variant's own align; drop reuse_align"):
+        check_ablations({"x": {"kind": "training", "reuse_align": True, "stages": {"align": {"lr": 3e-3}}}})
+    check_ablations({"x": {"kind": "training", "stages": {"align": {"lr": 3e-3}}}})
 
 
 def test_ablation_names_of_the_main_run_are_refused():
