@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 compute (fp32 master weights); teacher kept in bf16")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (student and teacher): inductor fuses the norms, RoPE and "
+                        "activations that small models spend most of a step on; the first steps compile")
     g.add_argument("--loss-chunk-size", type=int, default=1024, help="tokens per chunk of the LM head / KL")
     g.add_argument("--nan-policy", choices=("skip", "stop"), default="skip", help="on a NaN/Inf loss")
     g.add_argument("--max-skipped-iters", type=int, default=10, help="stop after this many consecutive bad steps")
@@ -167,6 +170,12 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             check_layout(args)
         except ValueError as e:
             parser.error(str(e))
+    untested = [flag for flag, on in (("--pipeline-model-parallel-size > 1", args.pipeline_model_parallel_size > 1),
+                                      ("--context-parallel-size > 1", args.context_parallel_size > 1),
+                                      ("--zero-stage 3", args.zero_stage == 3)) if on]
+    if args.compile and untested:
+        parser.error(f"--compile is tested with tensor and data parallelism only, not with {', '.join(untested)}: "
+                     f"leave --compile out for this layout")
     if args.layer_pattern and os.path.exists(args.layer_pattern):
         with open(args.layer_pattern) as f:
             args.layer_pattern = f.read().strip()

@@ -104,3 +104,10 @@ def build_model(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: boo
     )
     model.vocab_size = vocab_size  # logits beyond it are padding
     return model
+
+
+def compile_layers(model: GPTModel) -> None:
+    """torch.compile each decoder layer in place, the per-block granularity of torchtitan: a whole-model graph
+    would break at megatron-core's Python-side bookkeeping, and identical layers share one compiled graph."""
+    for layer in model.decoder.layers:
+        layer.compile()

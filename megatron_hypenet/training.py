@@ -26,6 +26,7 @@ from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
 from .data import build_gpt_datasets, make_dataloader
 from .distributed_optimizer import DistributedOptimizer
 from .halo.stages import build_stage
+from .model import compile_layers
 
 log = logging.getLogger("megatron_hypenet")
 
@@ -275,6 +276,11 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     student = stage.student  # this rank's chunks (one per virtual pipeline stage)
     for model in student + (stage.teacher or []):
         model.to(device)
+        if args.compile:
+            compile_layers(model)
+    if args.compile:
+        log.info("--compile: %d decoder layers compile on their first steps",
+                 sum(len(m.decoder.layers) for m in student + (stage.teacher or [])))
     if args.use_distributed_optimizer:  # megatron-core's DDP + sharded AdamW state (distributed_optimizer.py)
         optimizer = DistributedOptimizer(args, student)
     else:

@@ -2,6 +2,8 @@
 
     python -m tools.bench_training --seq-lengths 8192 32768 --out bench_training.json
     python -m tools.bench_training --tiny          # CPU, a few seconds: checks the path, claims nothing
+    python -m tools.bench_training --model reproduce-teacher --seq-lengths 1024 --micro-batch-size 32 --compile
+        # issue #7's teacher and student, eager against torch.compile'd layers (`--compile` of the trainer)
 
 One process builds each model through the trainer's own code (`config.make_config`,
 `model.build_model`) and times training steps exactly as `finetune` trains: random tokens, the
@@ -37,7 +39,7 @@ from megatron_hypenet import parallel
 from megatron_hypenet.config import ATTENTION, LIGHTNING, make_config, teacher_fields
 from megatron_hypenet.halo.stages import forward_hidden
 from megatron_hypenet.losses import chunked_cross_entropy
-from megatron_hypenet.model import build_model
+from megatron_hypenet.model import build_model, compile_layers
 from megatron_hypenet.training import clip_grad_norm
 from tools.estimate_memory import PRESETS, TINY_SHAPE, config_fields, default_pattern
 
@@ -78,11 +80,13 @@ def recompute_fields(mode: str) -> dict:
     return {}
 
 
-def build(shape: dict, pattern: str, teacher: bool, recompute: str, device):
+def build(shape: dict, pattern: str, teacher: bool, recompute: str, device, compiled: bool = False):
     fields = teacher_fields(shape["num_layers"]) if teacher else dict(layer_pattern=pattern)
     config = make_config(**config_fields(shape), **fields, **recompute_fields(recompute),
                          use_cpu_initialization=device.type == "cpu")
     model = build_model(config, shape["vocab_size"], shape["tie_word_embeddings"]).to(device)
+    if compiled:
+        compile_layers(model)
     model.train()
     return config, model
 
@@ -118,8 +122,9 @@ def time_steps(model, vocab, batch, seq, steps, warmup, chunk, device):
     return times, losses
 
 
-def run_one(name, shape, pattern, teacher, seq, args, device) -> dict:
-    """Times one (model, sequence length); with --recompute auto, falls back to full recompute on OOM."""
+def run_one(name, shape, pattern, teacher, seq, args, device, compiled=False) -> dict:
+    """Times one (model, sequence length); with --recompute auto, falls back to full recompute on OOM.
+    Compiled: the warm-up steps include the compilation (give it a few)."""
     modes = ["none", "full"] if args.recompute == "auto" else [args.recompute]
     for mode in modes:
         config = model = None
@@ -127,7 +132,7 @@ def run_one(name, shape, pattern, teacher, seq, args, device) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            config, model = build(shape, pattern, teacher, mode, device)
+            config, model = build(shape, pattern, teacher, mode, device, compiled)
             times, losses = time_steps(model, shape["vocab_size"], args.micro_batch_size, seq, args.steps,
                                        args.warmup, args.loss_chunk_size, device)
         except torch.OutOfMemoryError:
@@ -143,7 +148,7 @@ def run_one(name, shape, pattern, teacher, seq, args, device) -> dict:
         step = statistics.median(times)
         flops = model_flops(config, n_matmul, args.micro_batch_size, seq)
         return {
-            "model": name, "layer_pattern": config.layer_pattern, "seq_length": seq,
+            "model": name, "compiled": compiled, "layer_pattern": config.layer_pattern, "seq_length": seq,
             "micro_batch_size": args.micro_batch_size, "recompute": mode, "params": n_params,
             "matmul_weights": n_matmul, "step_s": step, "step_s_all": times,
             "tokens_per_s": args.micro_batch_size * seq / step,
@@ -155,18 +160,25 @@ def run_one(name, shape, pattern, teacher, seq, args, device) -> dict:
 
 
 def markdown(rows) -> str:
-    out = ["| model | seq | recompute | tokens/s | step s | model TFLOP/step | MFU | peak GiB | HypeNet / all-attention |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    base = {r["seq_length"]: r["tokens_per_s"] for r in rows if r["model"] == "all-attention" and "error" not in r}
+    """One row per run; the ratios pair rows of the same sequence length (and the same --compile setting for
+    HypeNet / all-attention, the same model for compiled / eager)."""
+    out = ["| model | compiled | seq | recompute | tokens/s | step s | model TFLOP/step | MFU | peak GiB | "
+           "HypeNet / all-attention | compiled / eager |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    tps = {(r["model"], r.get("compiled", False), r["seq_length"]): r["tokens_per_s"] for r in rows if "error" not in r}
     for r in rows:
+        compiled = r.get("compiled", False)
         if "error" in r:
-            out.append(f"| {r['model']} | {r['seq_length']} | | failed: {r['error']} | | | | | |")
+            out.append(f"| {r['model']} | {compiled} | {r['seq_length']} | | failed: {r['error']} | | | | | | |")
             continue
-        ratio = f"{r['tokens_per_s'] / base[r['seq_length']]:.2f}x" if r["model"] == "hypenet" and r["seq_length"] in base else ""
+        base = tps.get(("all-attention", compiled, r["seq_length"]))
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if r["model"] == "hypenet" and base else ""
+        eager = tps.get((r["model"], False, r["seq_length"]))
+        speedup = f"{r['tokens_per_s'] / eager:.2f}x" if compiled and eager else ""
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""
-        out.append(f"| {r['model']} `{r['layer_pattern']}` | {r['seq_length']} | {r['recompute']} | "
+        out.append(f"| {r['model']} `{r['layer_pattern']}` | {compiled} | {r['seq_length']} | {r['recompute']} | "
                    f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['model_tflop_per_step']:.1f} | "
-                   f"{100 * r['mfu']:.1f}% | {mem} | {ratio} |")
+                   f"{100 * r['mfu']:.1f}% | {mem} | {ratio} | {speedup} |")
     return "\n".join(out)
 
 
@@ -181,6 +193,8 @@ def main(argv=None):
     p.add_argument("--recompute", choices=("auto", "none", "full"), default="auto",
                    help="auto: none, and full recompute where that runs out of memory")
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_PEAK_TFLOPS)
+    p.add_argument("--compile", action="store_true",
+                   help="time each model twice: eager, then with torch.compile'd layers (the trainer's --compile)")
     p.add_argument("--tiny", action="store_true", help="a tiny shape on CPU (checks the path; no timing claims)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -195,13 +209,15 @@ def main(argv=None):
     try:
         for name, teacher in (("hypenet", False), ("all-attention", True)):
             for seq in args.seq_lengths:
-                try:
-                    rows.append(run_one(name, shape, pattern, teacher, seq, args, device))
-                except Exception as e:  # keep the other rows: one call of device time measures them all
-                    rows.append({"model": name, "seq_length": seq, "error": f"{type(e).__name__}: {e}"[:200]})
-                    if args.tiny:
-                        raise
-                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
+                for compiled in (False, True) if args.compile else (False,):
+                    try:
+                        rows.append(run_one(name, shape, pattern, teacher, seq, args, device, compiled))
+                    except Exception as e:  # keep the other rows: one call of device time measures them all
+                        rows.append({"model": name, "compiled": compiled, "seq_length": seq,
+                                     "error": f"{type(e).__name__}: {e}"[:200]})
+                        if args.tiny:
+                            raise
+                    print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         parallel.destroy()
     where = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

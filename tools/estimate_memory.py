@@ -74,6 +74,9 @@ PRESETS = {
                ffn_hidden_size=f, vocab_size=151936, tie_word_embeddings=tied)
     for name, (h, n, a, g, f, tied) in _QWEN3.items()
 }
+# issue #7's teacher (examples/reproduce.yaml's make_tiny_teacher; tests/test_reproduce.py keeps them equal)
+PRESETS["reproduce-teacher"] = dict(hidden_size=640, num_layers=12, num_attention_heads=10, num_query_groups=5,
+                                    kv_channels=64, ffn_hidden_size=1792, vocab_size=8192, tie_word_embeddings=True)
 # A shape small enough to build and run on a CPU in seconds (tests, `bench_training --tiny`).
 TINY_SHAPE = dict(hidden_size=64, num_layers=4, num_attention_heads=4, num_query_groups=2, kv_channels=16,
                   ffn_hidden_size=128, vocab_size=512, tie_word_embeddings=True)

@@ -1,6 +1,8 @@
 """Lightning Attention: one entry point that picks the Triton kernel on GPU and the PyTorch
 reference elsewhere (see ``naive.py`` for the math)."""
 
+import torch
+
 from .naive import (
     lightning_attention_chunk_ref,
     lightning_attention_recurrent_ref,
@@ -23,10 +25,17 @@ def lightning_attention(q, k, v, slopes, scale=None, initial_state=None, output_
                         cu_seqlens=None):
     """(o, final_state) for q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``; see ``naive.py``."""
     if _triton_ok(q):
-        from .chunk import chunk_lightning_attention
-
-        return chunk_lightning_attention(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+        return _chunk_triton(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
     return lightning_attention_chunk_ref(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
+
+
+@torch.compiler.disable
+def _chunk_triton(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
+    """The Triton kernel, opaque to torch.compile: inductor fails to re-compile it (triton 3.6, H200), so a
+    compiled layer (the trainer's --compile) breaks its graph here and compiles the code around it."""
+    from .chunk import chunk_lightning_attention
+
+    return chunk_lightning_attention(q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens)
 
 
 def lightning_attention_step(q, k, v, slopes, state, scale=None):
