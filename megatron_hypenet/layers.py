@@ -45,6 +45,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, sum_sq_group=Non
     return (weight * (xf * torch.rsqrt(mean_sq + eps)).to(dtype)).to(dtype)
 
 
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's, handing its own TP group to the matmul. megatron-core 0.16 hands it None (the matmul
+    does not communicate here), which raises a Python warning on rank 0 at every call: millions in a run's logs,
+    and a graph break in each torch.compile'd layer (--compile). The group is the one None stands for."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("tp_group") is None:
+            kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 class RMSNorm(torch.nn.Module):
     """RMSNorm with the `(config, hidden_size, eps)` signature megatron-core's specs build norms with.
 

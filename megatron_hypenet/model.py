@@ -7,7 +7,7 @@
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -25,6 +25,7 @@ from .layers import (
     LightningAttention,
     MixerSubmodules,
     RMSNorm,
+    RowParallelLinear,
     checkpoint_under_forward_autocast,
 )
 
@@ -107,7 +108,8 @@ def build_model(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: boo
 
 
 def compile_layers(model: GPTModel) -> None:
-    """torch.compile each decoder layer in place, the per-block granularity of torchtitan: a whole-model graph
-    would break at megatron-core's Python-side bookkeeping, and identical layers share one compiled graph."""
+    """torch.compile each decoder layer in place (torchtitan's per-block granularity). Not the whole model: the
+    stages call its embedding and decoder, not its forward (halo.stages.forward_hidden). Layers of one kind share
+    their compiled graphs (on CPU, 12 layers compiled once, plus once for the first layer's input strides)."""
     for layer in model.decoder.layers:
         layer.compile()
