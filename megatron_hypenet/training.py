@@ -274,13 +274,14 @@ def _train(args, preempt: PreemptionFlag) -> dict:
 
     stage = build_stage(args)
     student = stage.student  # this rank's chunks (one per virtual pipeline stage)
-    for model in student + (stage.teacher or []):
+    models = student + (stage.teacher or [])
+    for model in models:
         model.to(device)
-        if args.compile:
-            compile_layers(model)
     if args.compile:
+        for model in models:
+            compile_layers(model)
         log.info("--compile: %d decoder layers compile on their first steps",
-                 sum(len(m.decoder.layers) for m in student + (stage.teacher or [])))
+                 sum(len(m.decoder.layers) for m in models))
     if args.use_distributed_optimizer:  # megatron-core's DDP + sharded AdamW state (distributed_optimizer.py)
         optimizer = DistributedOptimizer(args, student)
     else:

@@ -165,9 +165,9 @@ def markdown(rows) -> str:
     out = ["| model | compiled | seq | recompute | tokens/s | step s | model TFLOP/step | MFU | peak GiB | "
            "HypeNet / all-attention | compiled / eager |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    tps = {(r["model"], r.get("compiled", False), r["seq_length"]): r["tokens_per_s"] for r in rows if "error" not in r}
+    tps = {(r["model"], r["compiled"], r["seq_length"]): r["tokens_per_s"] for r in rows if "error" not in r}
     for r in rows:
-        compiled = r.get("compiled", False)
+        compiled = r["compiled"]
         if "error" in r:
             out.append(f"| {r['model']} | {compiled} | {r['seq_length']} | | failed: {r['error']} | | | | | | |")
             continue
