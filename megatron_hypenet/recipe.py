@@ -567,6 +567,14 @@ def _after(first, pool, fn, *args):
     return pool.submit(fn, *args).result()
 
 
+def tag_worker_logs(name: str) -> None:
+    """Prefix this process's log lines with the variant's name. A pool process trains one variant after
+    another, so the handler is replaced each time (run 10 logged rope_everywhere as the align worker's
+    nope_everywhere)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s",
+                        force=True)
+
+
 def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dict, stages: dict, teacher: str,
                      selected: Optional[str], workers: int) -> tuple:
     """`run_ablation_and_export` in a worker process: its own one-process group on a free port, its own
@@ -576,7 +584,7 @@ def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dic
     later worker finds it complete and records it)."""
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(key, None)  # the parent's one-process group, inherited through the environment
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s [{name}]: %(message)s")
+    tag_worker_logs(name)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (workers + 1)))
     from megatron_hypenet.checkpoint import start_save_helper
 

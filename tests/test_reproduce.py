@@ -25,6 +25,7 @@ from megatron_hypenet.recipe import (
     even_pattern,
     halo_budget,
     run_recipe,
+    tag_worker_logs,
 )
 from tools.build_local_corpus import build_local_corpus, candidate_files, is_heldout
 from tools.write_results import PLOTS, markdown, targets, write_results
@@ -431,6 +432,25 @@ def test_ablation_workers_train_as_the_recipe_process_does(smoke, tmp_path):
         recipe["ablation_workers"] = 0
         (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
         run_recipe(str(tmp_path / "r.yaml"), str(run))
+
+
+def test_worker_logs_name_the_variant_they_train(capfd):
+    """A pool process trains one variant after another: each one's lines carry its own name."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        for name in ("nope_everywhere", "rope_everywhere"):
+            tag_worker_logs(name)
+            logging.getLogger("megatron_hypenet").info("stage distill")
+        lines = capfd.readouterr().err.splitlines()
+    finally:
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
+        root.handlers[:], root.level = saved[0], saved[1]
+    assert [line.split(" INFO ")[1] for line in lines] == ["megatron_hypenet [nope_everywhere]: stage distill",
+                                                           "megatron_hypenet [rope_everywhere]: stage distill"]
 
 
 def test_decode_speed_wiring_on_cpu(smoke):
