@@ -519,10 +519,6 @@ def test_gpu_recipe_sizes_and_budget():
     assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
 
 
-def _attention(pattern: str) -> list:
-    return [i for i, m in enumerate(pattern) if m == "A"]
-
-
 def test_published_page_is_its_report_rendered():
     """docs/results.md above its hand-written reading is exactly what write_results renders from the report
     published beside it: no number on the page was typed by hand."""
