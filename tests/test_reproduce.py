@@ -506,8 +506,9 @@ def test_gpu_recipe_sizes_and_budget():
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
         assert spent == (2_867_200 if name == "run10_budget" else budget["halo_tokens"]), name
-    run10 = {stage: planned_tokens(recipe, stage, ablation="run10_budget") // 2048 for stage in HALO_STAGES}
-    assert run10 == {"align": 320, "distill": 1000, "finetune": 80}  # run 10's steps (finetune: 2 x 2048 tokens)
+    run10 = variant_stages(recipe["stages"], recipe["ablations"]["run10_budget"])
+    assert {stage: run10[stage]["train_iters"] for stage in HALO_STAGES} == {"align": 320, "distill": 1000,
+                                                                           "finetune": 40}  # run 10's steps
     distill, finetune = recipe["stages"]["distill"], recipe["stages"]["finetune"]
     assert distill["train_only_mixers"] and finetune["train_only_mixers"] and distill["lr_wsd_decay_fraction"] == 0.5
     assert (distill["lr"], distill["train_iters"], finetune["train_iters"]) == (2.0e-3, 1500, 60)
