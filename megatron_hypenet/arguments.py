@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-lightning-rope", action="store_true")
     g.add_argument("--no-lightning-output-gate", action="store_true")
     g.add_argument("--no-lightning-output-norm", action="store_true")
+    g.add_argument("--lightning-output-norm-per-head", action="store_true",
+                   help="the RNN layers' output RMSNorm normalises each head on its own (default: over all heads, "
+                        "as in the paper)")
     g.add_argument("--no-lightning-qk-norm", action="store_true")
     g.add_argument("--lightning-short-conv", action="store_true")
     g.add_argument("--train-only-mixers", action="store_true",

@@ -33,6 +33,7 @@ HYPENET_FIELDS = (
     "lightning_qk_norm",
     "lightning_output_gate",
     "lightning_output_norm",
+    "lightning_output_norm_per_head",
     "lightning_short_conv",
     "lightning_conv_size",
     "lightning_scale",
@@ -58,6 +59,10 @@ class HypeNetConfig(TransformerConfig):
     lightning_qk_norm: bool = True
     lightning_output_gate: bool = True
     lightning_output_norm: bool = True
+    lightning_output_norm_per_head: bool = False
+    """The output RMSNorm normalises each head on its own instead of the concatenated heads (the paper's).
+    A head's state sums about 1/(1 - exp(-m_h)) terms, so over all heads the slow decays dominate the norm and
+    the fast heads' outputs shrink; per head, each keeps a softmax head's unit scale (RetNet's GroupNorm)."""
     lightning_short_conv: bool = False
     lightning_conv_size: int = 4
     lightning_scale: str = "sqrt"
@@ -200,6 +205,10 @@ def write_model_description(directory: str, desc: dict) -> None:
     os.replace(tmp, os.path.join(directory, MODEL_FILE))
 
 
+# Fields added after checkpoints were first written: a description without one was saved with this value.
+ADDED_KEYS = {"lightning_output_norm_per_head": False}
+
+
 def read_model_description(directory: str) -> dict:
     path = os.path.join(directory, MODEL_FILE)
     if not os.path.exists(path):
@@ -208,7 +217,10 @@ def read_model_description(directory: str) -> dict:
             f"`python tools/convert_hf_to_mcore.py --hf-dir <qwen3 folder> --out {directory}`."
         )
     with open(path) as f:
-        return json.load(f)
+        desc = json.load(f)
+    for key, value in ADDED_KEYS.items():
+        desc.setdefault(key, value)
+    return desc
 
 
 def config_from_description(desc: dict, **overrides) -> HypeNetConfig:

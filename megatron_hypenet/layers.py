@@ -327,8 +327,8 @@ def _identity_conv(w):
 
 
 class RNNMixer(_Mixer):
-    """What the RNN mixers share (docs/architecture.md): un-shared K/V, QK-norm, RoPE, output RMSNorm over all
-    heads, sigmoid output gate, optional short conv. Subclasses give the recurrence and its extra inputs.
+    """What the RNN mixers share (docs/architecture.md): un-shared K/V, QK-norm, RoPE, output RMSNorm (over all
+    heads, or per head), sigmoid output gate, optional short conv. Subclasses give the recurrence and its extra inputs.
 
     `linear_qkv` is laid out per head ([q_h; k_h; v_h]), so a TP rank holds whole heads.
     """
@@ -395,7 +395,10 @@ class RNNMixer(_Mixer):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = self.recurrence(*(x.transpose(0, 1) for x in (q, k, v)), *inputs)
         o = o.transpose(0, 1).reshape(s, b, H * D)
-        if self.config.lightning_output_norm:
+        if self.config.lightning_output_norm and self.config.lightning_output_norm_per_head:
+            o = rms_norm(o.view(s, b, H, D), self.out_norm.weight.view(H, D), self.config.layernorm_epsilon)
+            o = o.view(s, b, H * D)
+        elif self.config.lightning_output_norm:  # over all heads: TP ranks sum their heads' squares
             group = self.tp_group if self.tp_size > 1 else None
             o = rms_norm(o, self.out_norm.weight, self.config.layernorm_epsilon, group, H * D * self.tp_size)
         return o

@@ -14,7 +14,7 @@ from helpers import load_model as _load
 from helpers import check_hf_export, perturb_norms, worker
 from helpers import model_logits as _logits
 from megatron_hypenet import checkpoint, parallel
-from megatron_hypenet.config import make_config, model_description
+from megatron_hypenet.config import MODEL_FILE, make_config, model_description, read_model_description
 from megatron_hypenet.convert import hf_to_mcore, mcore_to_hf
 from megatron_hypenet.halo.init import init_student_from_teacher
 from megatron_hypenet.layers import query_scale
@@ -46,6 +46,12 @@ def work(tmp_path_factory):
     perturb_norms(student, seed=1)
     desc = model_description(student.config, VOCAB, False, t_desc["hf_extra"])
     checkpoint.save_checkpoint(str(root / "hybrid"), 0, student, desc)
+
+    # The same weights with the output norm taken per head.
+    per_head = _build(t_desc, **HYBRID, lightning_output_norm_per_head=True)
+    per_head.load_state_dict(student.state_dict())
+    desc = model_description(per_head.config, VOCAB, False, t_desc["hf_extra"])
+    checkpoint.save_checkpoint(str(root / "hybrid_per_head"), 0, per_head, desc)
     return root
 
 
@@ -82,6 +88,38 @@ def test_hypenet_cp2_loss_and_grads_equal_cp1(work):
     two = worker(2, "loss_grad", str(work / "hybrid"), str(work / "cp2.pt"), tp=1, cp=2)
     assert abs(float(one["loss"]) - float(two["loss"])) <= 1e-5
     assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
+
+
+def _head_rms(model, x):
+    """RMS of each head of the first RNN layer's normalised output (before the gate), [s, b, H]."""
+    mixer = model.decoder.layers[1].self_attention
+    with torch.no_grad():
+        mixer.out_norm.weight.fill_(1.0)
+        qkv, _ = mixer.linear_qkv(x)
+        o = mixer.core(qkv)
+    return o.unflatten(-1, (mixer.local_heads, mixer.head_dim)).pow(2).mean(-1).sqrt()
+
+
+def test_per_head_output_norm_gives_every_head_unit_rms(work):
+    over_all_model, desc = _load(str(work / "hybrid"))
+    x = torch.randn(24, 2, desc["hidden_size"], generator=torch.Generator().manual_seed(5))
+    per_head = _head_rms(_load(str(work / "hybrid_per_head"))[0], x)
+    over_all = _head_rms(over_all_model, x)
+    assert torch.allclose(per_head, torch.ones_like(per_head), atol=1e-3)
+    # over all heads only the mean square is 1: the heads' own scales differ (the slow decays' are larger)
+    assert torch.allclose(over_all.pow(2).mean(-1), torch.ones(24, 2), atol=1e-3)
+    assert (over_all - 1).abs().max() > 0.1
+
+
+def test_per_head_output_norm_tp2_equals_tp1_and_exports(work):
+    """Per head, a TP rank normalises its own heads (no all-reduce): TP=2 gives TP=1's loss and gradients, and
+    the HF export reproduces the Megatron model."""
+    one = worker(1, "loss_grad", str(work / "hybrid_per_head"), str(work / "ph1.pt"), tp=1)
+    two = worker(2, "loss_grad", str(work / "hybrid_per_head"), str(work / "ph2.pt"), tp=2)
+    assert abs(float(one["loss"]) - float(two["loss"])) <= 1e-5
+    assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
+    hf = check_hf_export(str(work / "hybrid_per_head"), str(work / "hybrid_per_head_hf"), _tokens(n=9, batch=1), 12)
+    assert hf.config.lightning_output_norm_per_head
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1(work):
@@ -150,6 +188,21 @@ def test_mismatched_checkpoint_is_refused(work):
     teacher, t_desc = _load(str(work / "teacher"))
     with pytest.raises(checkpoint.CheckpointError, match="layer_pattern"):
         checkpoint.load_checkpoint(str(work / "hybrid"), teacher, t_desc)
+
+
+def test_per_head_checkpoint_is_refused_by_an_all_heads_model(work, tmp_path):
+    model, desc = _load(str(work / "hybrid"))
+    with pytest.raises(checkpoint.CheckpointError, match="lightning_output_norm_per_head=True"):
+        checkpoint.load_checkpoint(str(work / "hybrid_per_head"), model, desc)
+    # a description written before the field existed reads as the norm over all heads
+    old = tmp_path / "old"
+    shutil.copytree(work / "hybrid", old)
+    path = old / "iter_0000000" / MODEL_FILE
+    saved = json.load(open(path))
+    del saved["lightning_output_norm_per_head"]
+    json.dump(saved, open(path, "w"))
+    assert read_model_description(str(old / "iter_0000000"))["lightning_output_norm_per_head"] is False
+    checkpoint.load_checkpoint(str(old), model, desc)
 
 
 def test_missing_files_are_reported(work, tmp_path):

@@ -25,6 +25,7 @@ from megatron_hypenet.recipe import (
     even_pattern,
     halo_budget,
     run_recipe,
+    stage_command,
     tag_worker_logs,
     variant_stages,
 )
@@ -501,14 +502,11 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "gated_deltanet": "ADDDDADDDDAD", "run10_budget": selected}
-    # every variant spends the main student's HALO tokens, but run10_budget: run 10's, from this run's teacher
+                        "gated_deltanet": "ADDDDADDDDAD", "all_heads_norm": selected}
+    # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
-        assert spent == (2_867_200 if name == "run10_budget" else budget["halo_tokens"]), name
-    run10 = variant_stages(recipe["stages"], recipe["ablations"]["run10_budget"])
-    assert {stage: run10[stage]["train_iters"] for stage in HALO_STAGES} == {"align": 320, "distill": 1000,
-                                                                           "finetune": 40}  # run 10's steps
+        assert spent == budget["halo_tokens"], name
     distill, finetune = recipe["stages"]["distill"], recipe["stages"]["finetune"]
     assert distill["train_only_mixers"] and finetune["train_only_mixers"] and distill["lr_wsd_decay_fraction"] == 0.5
     assert (distill["lr"], distill["train_iters"], finetune["train_iters"]) == (2.0e-3, 1500, 60)
@@ -518,6 +516,12 @@ def test_gpu_recipe_sizes_and_budget():
     # from their --load checkpoint and carry the flag so that their command lines say what the model is
     assert "align_init" not in recipe["stages"]["align"]
     assert all(recipe["stages"][stage]["lightning_short_conv"] for stage in ("align", "select", "distill", "finetune"))
+    # run 12: the RNN layers' output norm per head in every student but all_heads_norm (the paper's, its own align)
+    assert all(recipe["stages"][stage]["lightning_output_norm_per_head"]
+               for stage in ("align", "select", "distill", "finetune"))
+    paper_norm = variant_stages(recipe["stages"], recipe["ablations"]["all_heads_norm"])
+    assert not any("--lightning-output-norm-per-head" in stage_command(stage, paper_norm[stage])
+                   for stage in HALO_STAGES) and not recipe["ablations"]["all_heads_norm"].get("reuse_align")
 
 
 def test_published_page_is_its_report_rendered():

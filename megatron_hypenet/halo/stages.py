@@ -51,6 +51,7 @@ def student_fields(args, pattern: str) -> dict:
         lightning_qk_norm=not args.no_lightning_qk_norm,
         lightning_output_gate=not args.no_lightning_output_gate,
         lightning_output_norm=not args.no_lightning_output_norm,
+        lightning_output_norm_per_head=args.lightning_output_norm_per_head,
         lightning_short_conv=args.lightning_short_conv,
         lightning_scale=args.lightning_scale,
     )

@@ -25,6 +25,8 @@ class HypeNetConfig(PretrainedConfig):
         lightning_rope (`bool`, defaults to `True`): RoPE in Lightning layers.
         lightning_num_heads / lightning_head_dim (`int`, default to the attention heads / head_dim).
         lightning_qk_norm, lightning_output_gate, lightning_output_norm (`bool`, default to `True`).
+        lightning_output_norm_per_head (`bool`, defaults to `False`): the output norm normalises each head
+            on its own instead of the concatenated heads.
         lightning_short_conv (`bool`, defaults to `False`), lightning_conv_size (`int`, defaults to 4).
         lightning_scale (`str`, defaults to "sqrt"): "sqrt" (D**-0.5), "linear" (1/D) or "none" (1).
 
@@ -62,6 +64,7 @@ class HypeNetConfig(PretrainedConfig):
         lightning_qk_norm=True,
         lightning_output_gate=True,
         lightning_output_norm=True,
+        lightning_output_norm_per_head=False,
         lightning_short_conv=False,
         lightning_conv_size=4,
         lightning_scale="sqrt",
@@ -101,6 +104,7 @@ class HypeNetConfig(PretrainedConfig):
         self.lightning_qk_norm = lightning_qk_norm
         self.lightning_output_gate = lightning_output_gate
         self.lightning_output_norm = lightning_output_norm
+        self.lightning_output_norm_per_head = lightning_output_norm_per_head
         self.lightning_short_conv = lightning_short_conv
         self.lightning_conv_size = lightning_conv_size
         self.lightning_scale = lightning_scale

@@ -48,18 +48,22 @@ except ImportError:
 
 
 class HypeNetRMSNorm(nn.Module):
-    """Qwen3's RMSNorm: statistics in fp32, weight applied in the input dtype."""
+    """Qwen3's RMSNorm: statistics in fp32, weight applied in the input dtype. With `group_size`, each group of
+    that many consecutive channels (a head) is normalised on its own."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, group_size: Optional[int] = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.group_size = group_size
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
+        input_dtype, shape = hidden_states.dtype, hidden_states.shape
         hidden_states = hidden_states.to(torch.float32)
+        if self.group_size is not None:
+            hidden_states = hidden_states.unflatten(-1, (-1, self.group_size))
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        hidden_states = (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).reshape(shape)
         return self.weight * hidden_states.to(input_dtype)
 
 
@@ -268,7 +272,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, past: Optional[torch.Tens
 
 class HypeNetLightningAttention(nn.Module):
     """Lightning Attention: un-shared K/V, optional short conv, QK-norm, RoPE, fixed per-head ALiBi decay,
-    output RMSNorm over all heads, sigmoid output gate."""
+    output RMSNorm (over all heads, or per head), sigmoid output gate."""
 
     def __init__(self, config: HypeNetConfig, layer_idx: int):
         super().__init__()
@@ -289,7 +293,8 @@ class HypeNetLightningAttention(nn.Module):
             self.q_norm = HypeNetRMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = HypeNetRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         if config.lightning_output_norm:
-            self.o_norm = HypeNetRMSNorm(width, eps=config.rms_norm_eps)
+            per_head = self.head_dim if config.lightning_output_norm_per_head else None
+            self.o_norm = HypeNetRMSNorm(width, eps=config.rms_norm_eps, group_size=per_head)
         if config.lightning_output_gate:
             self.g_proj = nn.Linear(config.hidden_size, width, bias=False)
 
