@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lightning-output-norm-per-head", action="store_true",
                    help="the RNN layers' output RMSNorm normalises each head on its own (default: over all heads, "
                         "as in the paper)")
+    g.add_argument("--attention-twins", action="store_true",
+                   help="align: also align a HyPE attention twin of every layer (NoPE and the log query scale, or "
+                        "the --attention-rope kind), from which distill starts its attention layers instead of the "
+                        "teacher's RoPE-trained weights")
     g.add_argument("--no-lightning-qk-norm", action="store_true")
     g.add_argument("--lightning-short-conv", action="store_true")
     g.add_argument("--train-only-mixers", action="store_true",
@@ -158,6 +162,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         parser.error("--train-iters must be positive")
     if args.stage in ("align", "distill", "select") and not (args.teacher or args.load):
         parser.error(f"--stage {args.stage} needs --teacher (a converted teacher checkpoint)")
+    if args.attention_twins and args.stage != "align":
+        parser.error(f"--attention-twins is an align flag (--stage {args.stage}): distill takes the twins from its "
+                     "--load align checkpoint")
     if args.stage != "select" and not args.data_path:
         parser.error("--data-path is required (make one with tools/preprocess_data.py)")
     vpp = args.virtual_pipeline_model_parallel_size

@@ -312,7 +312,7 @@ def check_compatible(path: str, desc: dict) -> None:
                 "num_query_groups", "kv_channels", "ffn_hidden_size", "tie_word_embeddings",
                 "lightning_num_heads", "lightning_head_dim", "lightning_short_conv",
                 "lightning_output_gate", "lightning_output_norm", "lightning_output_norm_per_head",
-                "lightning_qk_norm"):
+                "lightning_qk_norm", "attention_twins"):
         if saved.get(key) != desc.get(key):
             raise CheckpointError(
                 f"checkpoint {path} was saved with {key}={saved.get(key)!r} but this model has "

@@ -69,6 +69,12 @@ class HypeNetConfig(TransformerConfig):
 
     rope_theta: float = 1_000_000.0
 
+    attention_twins: bool = False
+    """Align only (halo/stages.py): every layer also holds an `attention_twin`, a softmax attention mixer of
+    this config's kind (HyPE unless attention_rope), aligned to the teacher's attention beside the RNN twin.
+    Distill starts its attention layers from them instead of from the teacher's weights, which were trained
+    with RoPE: a NoPE layer that starts from those unaligned is left to distill to fix."""
+
     def __post_init__(self):
         super().__post_init__()
         if self.layer_pattern is None:
@@ -188,7 +194,7 @@ MODEL_FILE = "hypenet_model.json"
 MODEL_KEYS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
     "kv_channels", "layernorm_epsilon",
-) + HYPENET_FIELDS
+) + HYPENET_FIELDS + ("attention_twins",)  # (twins exist only in align checkpoints: not an HF field)
 
 
 def model_description(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: bool, hf_extra: dict) -> dict:
@@ -206,7 +212,7 @@ def write_model_description(directory: str, desc: dict) -> None:
 
 
 # Fields added after checkpoints were first written: a description without one was saved with this value.
-ADDED_KEYS = {"lightning_output_norm_per_head": False}
+ADDED_KEYS = {"lightning_output_norm_per_head": False, "attention_twins": False}
 
 
 def read_model_description(directory: str) -> dict:

@@ -9,7 +9,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -104,6 +104,11 @@ def build_model(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: boo
         vp_stage=vp_stage,
     )
     model.vocab_size = vocab_size  # logits beyond it are padding
+    if config.attention_twins:
+        # beside the layer's own mixer, outside its forward: only the align step calls it. A child module, so
+        # the layer's sharded_state_dict saves it under decoder.layers.<global number>.attention_twin.
+        for layer in model.decoder.layers:
+            layer.attention_twin = build_module(MIXERS[ATTENTION], config=config, layer_number=layer.layer_number)
     return model
 
 

@@ -231,3 +231,55 @@ def test_distill_with_context_parallel_matches_one_process(recipe_run, tmp_path)
         losses[cp] = _losses(save)
     assert len(losses[1]) == 3
     assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_attention_twins_align_and_start_distill(recipe_run, tmp_path):
+    """align --attention-twins trains a HyPE attention twin of every layer beside its RNN twin; distill starts
+    its attention layers from them (and its RNN layers from the RNN twins), while a RoPE-attention student,
+    whose kind the twins are not, starts them from the teacher. At lr 0 distill's saved weights are its init."""
+    from megatron_hypenet import checkpoint, parallel
+    from megatron_hypenet.recipe import run_stage
+
+    run, _ = recipe_run
+    ck = run / "checkpoints"
+    common = dict(RECIPE["common"], data_path=str(run / "data" / "corpus"), tokenizer=str(run / "teacher_hf_init"),
+                  teacher=str(ck / "teacher"))
+    run_stage("align", {**common, **RECIPE["stages"]["align"], "train_iters": 4, "attention_twins": True,
+                        "save": str(tmp_path / "align")})
+    # finite at every step: a twin's output at position 0 is the teacher's exactly (the clamped distance)
+    losses = _losses(tmp_path / "align")
+    assert len(losses) == 4 and all(0 < loss < float("inf") for loss in losses)
+    assert _losses(tmp_path / "align", "valid_loss")[-1] < _losses(tmp_path / "align", "valid_loss")[0]
+
+    def tensors(root, mixer, layer):
+        parallel.ensure_process_group()
+        path = checkpoint.resolve(str(root))
+        meta = checkpoint.tensor_metadata(path)
+        return {name: checkpoint.load_global_tensor(path, f"decoder.layers.{layer}.{mixer}.{name}", meta)
+                for name in ("linear_qkv.weight", "linear_proj.weight")}
+
+    # the selection sweep swaps RNN twins into the teacher (its RoPE attention is not the twins' kind)
+    sweep = run_stage("select", {**common, **RECIPE["stages"]["select"], "load": str(tmp_path / "align"),
+                                 "save": str(tmp_path / "select")})
+    assert sweep["layer_pattern"].count("A") == 1
+    pattern = "LALL"
+    for kind, options in (("twin", {}), ("teacher", {"attention_rope": True, "attention_query_scale_base": 0})):
+        run_stage("distill", {**common, **RECIPE["stages"]["distill"], "load": str(tmp_path / "align"),
+                              "layer_pattern": pattern, "train_iters": 1, "lr": 0.0, "save": str(tmp_path / kind),
+                              **options})
+        student = tensors(tmp_path / kind, "self_attention", 1)
+        twin, teacher = tensors(tmp_path / "align", "attention_twin", 1), tensors(ck / "teacher", "self_attention", 1)
+        expected, other = (twin, teacher) if kind == "twin" else (teacher, twin)
+        for name in student:
+            assert student[name].equal(expected[name]) and not student[name].equal(other[name]), (kind, name)
+        rnn = tensors(tmp_path / kind, "self_attention", 0)
+        for name, t in tensors(tmp_path / "align", "self_attention", 0).items():
+            assert rnn[name].equal(t), (kind, name)
+
+
+def test_attention_twins_is_an_align_flag():
+    from megatron_hypenet.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "distill", "--attention-twins", "--teacher", "t", "--load", "l", "--data-path", "d"])
+    assert parse_args(["--stage", "align", "--attention-twins", "--teacher", "t", "--data-path", "d"]).attention_twins

@@ -6,9 +6,11 @@
   weights are copied; gates keep their random init, output norms start at 1, short convs at the identity,
   Gated DeltaNet's decay and beta parameters at their construction init (layers.GatedDeltaNet).
 - `load_hybrid`: a student of any layer pattern built from two checkpoints: the teacher's (attention
-  layers, MLPs, norms, embeddings) and the aligned all-RNN model's (its RNN mixers).
+  layers, MLPs, norms, embeddings) and the aligned all-RNN model's (its RNN mixers, and its attention twins
+  for the attention layers where it has them: --attention-twins).
 """
 
+import dataclasses
 import re
 from typing import Dict, Optional
 
@@ -21,6 +23,7 @@ from ..layers import RNNMixer
 from ..qwen3_mapping import attention_to_lightning_qkv
 
 MIXER_KEY = re.compile(r"decoder\.layers\.(\d+)\.self_attention\.")
+TWIN_KIND = ("attention_rope", "attention_query_scale_base")  # what an attention twin must share with its student
 
 
 def gather_cat(t: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -55,8 +58,10 @@ def init_student_from_teacher(student, teacher, head_orders: Optional[Dict[int, 
         t_layer = t_layers[s_layer.layer_number]
         s_mix, t_mix = s_layer.self_attention, t_layer.self_attention
         for name, module in s_layer.named_children():
-            if name != "self_attention":
+            if name not in ("self_attention", "attention_twin"):
                 module.load_state_dict(getattr(t_layer, name).state_dict())
+        if hasattr(s_layer, "attention_twin"):
+            s_layer.attention_twin.load_state_dict(t_mix.state_dict())
         if not isinstance(s_mix, RNNMixer):
             s_mix.load_state_dict(t_mix.state_dict())
             continue
@@ -84,23 +89,42 @@ def init_student_from_teacher(student, teacher, head_orders: Optional[Dict[int, 
         student.decoder.final_layernorm.load_state_dict(teacher.decoder.final_layernorm.state_dict())
 
 
-def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> None:
+def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> str:
     """Fills `model` (layer pattern `pattern`; a module or a list of pipeline chunks) from the teacher and
-    the aligned all-RNN checkpoint, whose mixer must be of the same kind at every RNN layer of `pattern`."""
+    the aligned all-RNN checkpoint, whose mixer must be of the same kind at every RNN layer of `pattern`.
+    Attention layers take the align checkpoint's attention twins when it has twins of their kind (HyPE or
+    RoPE), else the teacher's attention. Returns where they came from, for the log."""
     teacher_path, rnn_path = checkpoint.resolve(teacher_root), checkpoint.resolve(rnn_root)
-    check_rnn_mixers(pattern, read_model_description(rnn_path)["layer_pattern"], rnn_path)
+    align = read_model_description(rnn_path)
+    check_rnn_mixers(pattern, align["layer_pattern"], rnn_path)
+    config = (model[0] if isinstance(model, (list, tuple)) else model).config
+    twins = align["attention_twins"] and all(align[k] == getattr(config, k) for k in TWIN_KIND)
     sd = checkpoint.model_sharded_state_dict(model)
 
-    def from_rnn(key):
-        m = MIXER_KEY.match(key)
-        return m is not None and pattern[int(m.group(1))] != ATTENTION
+    def mixer_layer(v, k) -> Optional[int]:
+        m = MIXER_KEY.match(getattr(v, "key", k))  # stored keys: global layer numbers
+        return None if m is None else int(m.group(1))
 
+    def from_align(v, k) -> bool:
+        n = mixer_layer(v, k)
+        return n is not None and (pattern[n] != ATTENTION or twins)
+
+    def stored_in_align(v, k):
+        if pattern[mixer_layer(v, k)] != ATTENTION:
+            return v
+        return dataclasses.replace(v, key=v.key.replace(".self_attention.", ".attention_twin.", 1))
+
+    parts = ((teacher_path, {k: v for k, v in sd.items() if not from_align(v, k)}),
+             (rnn_path, {k: stored_in_align(v, k) for k, v in sd.items() if from_align(v, k)}))
     loaded = {}
-    for path, keep in ((teacher_path, lambda k: not from_rnn(k)), (rnn_path, from_rnn)):
-        part = {k: v for k, v in sd.items() if keep(getattr(v, "key", k))}  # stored keys: global layer numbers
+    for path, part in parts:
         # collective: every rank loads, even one whose pipeline stage takes nothing from this checkpoint
         loaded.update(dist_checkpointing.load({"model": part}, path).get("model", {}))
     checkpoint.load_model_state(model, loaded)
+    if twins:
+        return f"the attention twins of {rnn_path}"
+    other = f" (its attention twins are of another kind: {', '.join(f'{k}={align[k]}' for k in TWIN_KIND)})"
+    return f"the teacher {teacher_path}" + (other if align["attention_twins"] else "")
 
 
 def check_rnn_mixers(pattern: str, rnn_pattern: str, rnn_path: str) -> None:
@@ -119,14 +143,17 @@ def check_rnn_mixers(pattern: str, rnn_pattern: str, rnn_path: str) -> None:
 
 
 def freeze_all_but_mixers(model, rnn_only: bool = True) -> list:
-    """Freezes everything but the token mixers, of the RNN layers only (stage 1) or of every layer
-    (--train-only-mixers); returns the trainable parameters."""
+    """Freezes everything but the token mixers, of the RNN layers only (stage 1, with their attention twins) or
+    of every layer (--train-only-mixers); returns the trainable parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
     for layer in model.decoder.layers:
-        if not rnn_only or isinstance(layer.self_attention, RNNMixer):
-            for p in layer.self_attention.parameters():
+        mixers = [layer.self_attention] if not rnn_only or isinstance(layer.self_attention, RNNMixer) else []
+        if hasattr(layer, "attention_twin"):
+            mixers.append(layer.attention_twin)
+        for mixer in mixers:
+            for p in mixer.parameters():
                 p.requires_grad_(True)
                 params.append(p)
     return params

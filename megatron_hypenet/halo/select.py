@@ -129,7 +129,7 @@ def run_select(args) -> dict:
 
     def score(pattern):
         model, _ = build_from_description(rnn_desc, args, layer_pattern=pattern, attention_rope=True,
-                                          attention_query_scale_base=None)
+                                          attention_query_scale_base=None, attention_twins=False)
         load_hybrid(model, pattern, teacher_root, rnn_root)
         model.to(device).eval()
         logits_fn = lambda ids: full_logits(model, forward_hidden(model, ids.to(device)))  # noqa: E731

@@ -2,7 +2,7 @@
 
     pretrain  CE on the teacher itself (how the embedded demo makes its tiny teacher)
     align     stage 1: every attention mixer gets an RNN twin (--rnn-mixer: Lightning or Gated DeltaNet)
-              trained to reproduce its output
+              trained to reproduce its output (with --attention-twins also a HyPE attention twin)
     distill   stage 2: the hybrid (selected pattern, HyPE) against the frozen teacher, forward KL
     finetune  stage 3: the hybrid alone, CE at a longer sequence length
 (select, between align and distill, trains nothing: see select.py.)
@@ -13,6 +13,7 @@ the last stage, else the tensor for the next stage (see pipeline.py). Without pi
 there is one chunk, and `StageModels.loss(batch)` is its step: the whole model's loss.
 """
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -22,13 +23,15 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
-from .. import checkpoint
+from .. import checkpoint, parallel
 from ..config import ATTENTION, RNN_MIXERS, config_from_description, model_description, read_model_description
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
 from ..pipeline import PipelineChunk, stage_output
 from .calibrate import calibrate_student
 from .init import freeze_all_but_mixers, init_student_from_teacher, load_hybrid
+
+log = logging.getLogger("megatron_hypenet")
 
 
 def forward_hidden(model, tokens: torch.Tensor, stage_input: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -188,7 +191,8 @@ def build_stage(args) -> StageModels:
     teacher, t_desc = _load_teacher(args)
     n_layers = t_desc["num_layers"]
     if stage == "align":
-        student, desc = build_chunks(t_desc, args, **student_fields(args, align_pattern(args, n_layers)))
+        student, desc = build_chunks(t_desc, args, **student_fields(args, align_pattern(args, n_layers)),
+                                     attention_twins=args.attention_twins)
         trainable = [p for s in student for p in freeze_all_but_mixers(s)]
 
         def copy_teacher(head_orders=None):
@@ -217,7 +221,9 @@ def build_stage(args) -> StageModels:
             if load_desc["layer_pattern"] == pattern:
                 checkpoint.load_checkpoint(args.load, student, desc, load_state=False)
             else:
-                load_hybrid(student, pattern, args.teacher, args.load)
+                source = load_hybrid(student, pattern, args.teacher, args.load)
+                if ATTENTION in pattern and parallel.is_rank0():
+                    log.info("distill: the attention layers start from %s", source)
 
         return _stage(student, desc, teacher, _trainable(student, args), init, _distill_step(args), stacked=2)
     raise ValueError(f"stage {stage!r} does not train; see halo/select.py")
@@ -249,8 +255,8 @@ def _draw_gates(model, seed: int) -> None:
 
 
 def _align_step(chunk, batch):
-    """Stage 1: each RNN mixer sees the teacher's (detached) normed input of its layer and is
-    trained to reproduce the teacher mixer's output; loss = mean over layers of ||y_t - y_s|| / sqrt(d).
+    """Stage 1: each RNN mixer (and attention twin) sees the teacher's (detached) normed input of its layer and
+    is trained to reproduce the teacher mixer's output; loss = mean over mixers of ||y_t - y_s|| / sqrt(d).
     Only the teacher's residual stream goes to the next stage; each stage's layer terms are local."""
     teacher, student = chunk.teacher, chunk.student
     with torch.no_grad():
@@ -260,19 +266,24 @@ def _align_step(chunk, batch):
             h = chunk.stage_input.detach().to(next(teacher.parameters()).dtype)
     total = h.new_zeros((), dtype=torch.float32)
     tokens = h.shape[0] * h.shape[1]
+    twins = student.config.attention_twins
     for t_layer, s_layer in zip(teacher.decoder.layers, student.decoder.layers):
         with torch.no_grad():
             x = t_layer.input_layernorm(h)
             y_t, _ = t_layer.self_attention(x)
             h = h + y_t
             h = h + t_layer.mlp(t_layer.pre_mlp_layernorm(h))[0]
-        y_s, _ = s_layer.self_attention(x.to(next(s_layer.parameters()).dtype))
-        dist = (y_s.float() - y_t.float()).pow(2).sum(-1).sqrt() / math.sqrt(y_t.shape[-1])
-        total = total + dist.sum()
+        x_s = x.to(next(s_layer.parameters()).dtype)
+        for mixer in (s_layer.self_attention, s_layer.attention_twin) if twins else (s_layer.self_attention,):
+            y_s, _ = mixer(x_s)
+            # clamped: an attention twin's output at position 0 is the teacher's exactly (no earlier token, and
+            # RoPE and the HyPE scale are 1 there), and the gradient of sqrt at 0 is infinite
+            dist = (y_s.float() - y_t.float()).pow(2).sum(-1).clamp_min(1e-20).sqrt() / math.sqrt(y_t.shape[-1])
+            total = total + dist.sum()
     if student.config.sequence_parallel:
         # each TP rank holds an equal slice of the sequence: sum the slices, and since every rank then
         # has the same loss, the backward is the identity (as losses._tp_sum)
         total = reduce_from_tensor_model_parallel_region(total)
         tokens *= parallel_state.get_tensor_model_parallel_world_size()
-    term = total / (tokens * student.config.num_layers)
+    term = total / (tokens * student.config.num_layers * (2 if twins else 1))
     return stage_output(chunk, term if chunk.is_last else h, term)
