@@ -6,6 +6,9 @@ import os
 import pytest
 import torch
 
+from megatron_hypenet import checkpoint
+from megatron_hypenet.config import read_model_description
+
 from helpers import ROOT, distill_flags, make_distill_work, metrics, torchrun, worker
 from test_model import work  # noqa: F401  (the module fixture: teacher and hybrid checkpoints)
 
@@ -47,9 +50,11 @@ def test_distill_with_tp2_sequence_parallel_matches_one_process(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
 
 
-def test_align_with_tp2_sequence_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("twins", [[], ["--attention-twins"]], ids=["rnn", "attention_twins"])
+def test_align_with_tp2_sequence_parallel_matches_one_process(tmp_path, twins):
     """Align's per-token loss is taken after each layer's mixer, where under SP every TP rank holds its own
-    slice of the sequence: the slices' sums add up over TP, and the TP=2 + SP curve equals the one-process one."""
+    slice of the sequence: the slices' sums add up over TP, and the TP=2 + SP curve equals the one-process one
+    (with the attention twins, whose heads TP splits as the teacher's)."""
     work = make_distill_work(tmp_path)
     trainer = os.path.join(ROOT, "pretrain_hypenet.py")
 
@@ -60,10 +65,13 @@ def test_align_with_tp2_sequence_parallel_matches_one_process(tmp_path):
         flags[flags.index("--stage") + 1] = "align"
         return flags
 
-    torchrun(1, trainer, *align_flags(tmp_path / "align_tp1"))
-    torchrun(2, trainer, *align_flags(tmp_path / "align_tp2sp", "--tensor-model-parallel-size", 2, "--sequence-parallel"))
+    torchrun(1, trainer, *align_flags(tmp_path / "align_tp1", *twins))
+    torchrun(2, trainer, *align_flags(tmp_path / "align_tp2sp", *twins, "--tensor-model-parallel-size", 2,
+                                      "--sequence-parallel"))
     one, two = metrics(tmp_path / "align_tp1"), metrics(tmp_path / "align_tp2sp")
     assert len(one) == len(two) == 5 and one[-1]["loss"] < one[0]["loss"]
+    saved = read_model_description(checkpoint.resolve(str(tmp_path / "align_tp2sp")))
+    assert saved["attention_twins"] is bool(twins)
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (a, b)
