@@ -99,25 +99,18 @@ def load_hybrid(model, pattern: str, teacher_root: str, rnn_root: str) -> str:
     check_rnn_mixers(pattern, align["layer_pattern"], rnn_path)
     config = (model[0] if isinstance(model, (list, tuple)) else model).config
     twins = align["attention_twins"] and all(align[k] == getattr(config, k) for k in TWIN_KIND)
-    sd = checkpoint.model_sharded_state_dict(model)
-
-    def mixer_layer(v, k) -> Optional[int]:
+    from_teacher, from_align = {}, {}
+    for k, v in checkpoint.model_sharded_state_dict(model).items():
         m = MIXER_KEY.match(getattr(v, "key", k))  # stored keys: global layer numbers
-        return None if m is None else int(m.group(1))
-
-    def from_align(v, k) -> bool:
-        n = mixer_layer(v, k)
-        return n is not None and (pattern[n] != ATTENTION or twins)
-
-    def stored_in_align(v, k):
-        if pattern[mixer_layer(v, k)] != ATTENTION:
-            return v
-        return dataclasses.replace(v, key=v.key.replace(".self_attention.", ".attention_twin.", 1))
-
-    parts = ((teacher_path, {k: v for k, v in sd.items() if not from_align(v, k)}),
-             (rnn_path, {k: stored_in_align(v, k) for k, v in sd.items() if from_align(v, k)}))
+        mixer = None if m is None else pattern[int(m.group(1))]
+        if mixer is None or (mixer == ATTENTION and not twins):
+            from_teacher[k] = v
+        elif mixer == ATTENTION:
+            from_align[k] = dataclasses.replace(v, key=v.key.replace(".self_attention.", ".attention_twin.", 1))
+        else:
+            from_align[k] = v
     loaded = {}
-    for path, part in parts:
+    for path, part in ((teacher_path, from_teacher), (rnn_path, from_align)):
         # collective: every rank loads, even one whose pipeline stage takes nothing from this checkpoint
         loaded.update(dist_checkpointing.load({"model": part}, path).get("model", {}))
     checkpoint.load_model_state(model, loaded)
