@@ -266,7 +266,8 @@ def _align_step(chunk, batch):
             h = chunk.stage_input.detach().to(next(teacher.parameters()).dtype)
     total = h.new_zeros((), dtype=torch.float32)
     tokens = h.shape[0] * h.shape[1]
-    twins = student.config.attention_twins
+    # every layer's aligned mixers: its RNN twin, and its attention twin with --attention-twins
+    mixer_names = ("self_attention", "attention_twin") if student.config.attention_twins else ("self_attention",)
     for t_layer, s_layer in zip(teacher.decoder.layers, student.decoder.layers):
         with torch.no_grad():
             x = t_layer.input_layernorm(h)
@@ -274,8 +275,8 @@ def _align_step(chunk, batch):
             h = h + y_t
             h = h + t_layer.mlp(t_layer.pre_mlp_layernorm(h))[0]
         x_s = x.to(next(s_layer.parameters()).dtype)
-        for mixer in (s_layer.self_attention, s_layer.attention_twin) if twins else (s_layer.self_attention,):
-            y_s, _ = mixer(x_s)
+        for name in mixer_names:
+            y_s, _ = getattr(s_layer, name)(x_s)
             # clamped: an attention twin's output at position 0 is the teacher's exactly (no earlier token, and
             # RoPE and the HyPE scale are 1 there), and the gradient of sqrt at 0 is infinite
             dist = (y_s.float() - y_t.float()).pow(2).sum(-1).clamp_min(1e-20).sqrt() / math.sqrt(y_t.shape[-1])
@@ -285,5 +286,5 @@ def _align_step(chunk, batch):
         # has the same loss, the backward is the identity (as losses._tp_sum)
         total = reduce_from_tensor_model_parallel_region(total)
         tokens *= parallel_state.get_tensor_model_parallel_world_size()
-    term = total / (tokens * student.config.num_layers * (2 if twins else 1))
+    term = total / (tokens * student.config.num_layers * len(mixer_names))  # all layers: PP stages add their terms
     return stage_output(chunk, term if chunk.is_last else h, term)
