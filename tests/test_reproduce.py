@@ -543,7 +543,8 @@ def test_published_page_is_its_report_rendered():
 
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
-                                  os.path.join(ROOT, "examples", "budget_proxy.yaml")])
+                                  os.path.join(ROOT, "examples", "budget_proxy.yaml"),
+                                  os.path.join(ROOT, "examples", "head_dim_proxy.yaml")])
 def test_gpu_recipe_flags_parse(path):
     """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags."""
     from megatron_hypenet.arguments import build_parser, parse_args
