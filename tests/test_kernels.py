@@ -1,5 +1,6 @@
-"""CPU tests of Lightning Attention: the PyTorch references against each other (float64, with
-gradcheck), and the Triton kernels run by the Triton interpreter against a float64 reference.
+"""CPU tests of the Triton kernels, run by the Triton interpreter against float64 references: Lightning
+Attention's (and its PyTorch references against each other, float64, with gradcheck) and Gated DeltaNet's
+chunk loop.
 
 The interpreter must be switched on (TRITON_INTERPRET=1) before triton is first imported, which
 a pytest session cannot promise, so ``test_triton_kernels_in_interpreter`` runs this module again
@@ -57,6 +58,7 @@ def _patch_interpreter_for_numpy():
 
 if INTERPRETED:
     _patch_interpreter_for_numpy()
+    from kernels.gated_delta import chunk_triton
     from kernels.lightning import chunk, fused_recurrent
 
 
@@ -210,6 +212,93 @@ def test_triton_step_in_place():
     ro, rnew = lightning_attention_step_ref(q[:, 0], k[:, 0], v[:, 0], slopes, h0)
     assert new.data_ptr() == state.data_ptr()
     assert rel_err(o, ro) < 1e-6 and rel_err(new, rnew) < 1e-6
+
+
+# ---- Gated DeltaNet's chunk loop -----------------------------------------------------------------
+
+
+def _loop_inputs(B, H, N, C, DK, DV, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    Ut, S0 = rand(B, H, N, C, DV), rand(B, H, DK, DV)
+    W, q_in, k_out = (rand(B, H, N, C, DK) * 0.3 for _ in range(3))
+    scores = rand(B, H, N, C, C).tril() * 0.2
+    last = torch.rand(B, H, N, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    return [Ut, W, q_in, scores, k_out, last, S0]
+
+
+@interpreted
+@pytest.mark.parametrize("DK, DV", [(16, 16), (24, 80)])  # (24, 80): a masked key tile, two value tiles
+def test_triton_gated_delta_chunk_loop_matches_pytorch_loop_in_float64(DK, DV):
+    from kernels.gated_delta.chunk import chunk_state_loop
+
+    ref_in = [x.requires_grad_(True) for x in _loop_inputs(2, 2, 3, 16, DK, DV)]
+    tri_in = [x.detach().float().requires_grad_(True) for x in ref_in]
+    o, S = chunk_triton.chunk_state_loop_triton(*tri_in)
+    ro, rS = chunk_state_loop(*ref_in)
+    assert o.dtype == S.dtype == torch.float32
+    assert rel_err(o, ro) < 2e-6 and rel_err(S, rS) < 2e-6
+    g = torch.Generator().manual_seed(1)
+    do, dS = torch.randn(o.shape, generator=g, dtype=torch.float64), torch.randn(S.shape, generator=g,
+                                                                                  dtype=torch.float64)
+    torch.autograd.backward([o, S], [do.float(), dS.float()])
+    torch.autograd.backward([ro, rS], [do, dS])
+    for name, x, rx in zip("Ut W q_in scores k_out last S0".split(), tri_in, ref_in):
+        assert rel_err(x.grad, rx.grad) < 2e-6, name
+
+
+@interpreted
+@pytest.mark.parametrize("cu", [None, [0, 5, 40]])
+def test_triton_gated_delta_rule_matches_float64_recurrence(cu):
+    """The whole chunked op with the Triton loop (chunk 16, T not a multiple of it, an initial state) against
+    the token-by-token reference: outputs, final states and the gradients of every input."""
+    from kernels.gated_delta import chunk_gated_delta_rule, gated_delta_rule_recurrent_ref
+
+    B, T, H, DK, DV = (2, 37, 2, 16, 32) if cu is None else (1, 40, 2, 16, 32)
+    n = B if cu is None else len(cu) - 1
+    cu_t = None if cu is None else torch.tensor(cu)
+    g = torch.Generator().manual_seed(3)
+    ref_in = [torch.randn(B, T, H, DK, generator=g, dtype=torch.float64) for _ in range(2)]
+    ref_in += [torch.randn(B, T, H, DV, generator=g, dtype=torch.float64),
+               -torch.rand(B, T, H, generator=g, dtype=torch.float64) * 0.3,
+               torch.rand(B, T, H, generator=g, dtype=torch.float64),
+               torch.randn(n, H, DK, DV, generator=g, dtype=torch.float64)]
+    ref_in = [x.requires_grad_(True) for x in ref_in]
+    tri_in = [x.detach().float().requires_grad_(True) for x in ref_in]
+    o, S = chunk_gated_delta_rule(*tri_in[:5], scale=0.7, initial_state=tri_in[5], output_final_state=True,
+                                  cu_seqlens=cu_t, chunk_size=16, chunk_loop=chunk_triton.chunk_state_loop_triton)
+    ro, rS = gated_delta_rule_recurrent_ref(*ref_in[:5], scale=0.7, initial_state=ref_in[5],
+                                            output_final_state=True, cu_seqlens=cu_t)
+    assert rel_err(o, ro) < 1e-5 and rel_err(S, rS) < 1e-5
+    w = torch.Generator().manual_seed(4)
+    do, dS = torch.randn(o.shape, generator=w, dtype=torch.float64), torch.randn(S.shape, generator=w,
+                                                                                  dtype=torch.float64)
+    torch.autograd.backward([o, S], [do.float(), dS.float()])
+    torch.autograd.backward([ro, rS], [do, dS])
+    for name, x, rx in zip("q k v g beta h0".split(), tri_in, ref_in):
+        assert rel_err(x.grad, rx.grad) < 1e-5, name
+
+
+@interpreted
+def test_bench_gated_delta_error_check_compares_the_two_loops():
+    from tools.bench_gated_delta import check, make_inputs
+
+    inputs = make_inputs(1, 40, 2, 16, torch.device("cpu"), torch.float32)
+    assert check(inputs, chunk_size=16) < 1e-5
+
+
+def test_triton_gated_delta_chunk_loop_rejects_bad_arguments():
+    pytest.importorskip("triton")
+    from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
+
+    args = [x.float() for x in _loop_inputs(1, 2, 2, 16, 16, 16)]
+    with pytest.raises(ValueError, match="scores must be"):
+        chunk_state_loop_triton(*args[:3], args[3][..., :8], *args[4:])
+    with pytest.raises(ValueError, match="fp32"):
+        chunk_state_loop_triton(*[x.double() for x in args])
+    bad_chunk = _loop_inputs(1, 2, 2, 12, 16, 16)
+    with pytest.raises(ValueError, match="power of two"):
+        chunk_state_loop_triton(*[x.float() for x in bad_chunk])
 
 
 # ---- the references themselves (float64, no Triton) --------------------------------------------

@@ -1,5 +1,8 @@
 """Gated DeltaNet: the chunked PyTorch form for training and prefill, the one-token step for decoding
-(``chunk.py``), both tested against the token-by-token reference (``naive.py``)."""
+(``chunk.py``), both tested against the token-by-token reference (``naive.py``); on GPU the chunked form's
+loop over chunks runs as a Triton kernel (``chunk_triton.py``)."""
+
+import torch
 
 from .chunk import chunk_gated_delta_rule, gated_delta_rule_step
 from .naive import gated_delta_rule_recurrent_ref
@@ -7,7 +10,20 @@ from .naive import gated_delta_rule_recurrent_ref
 
 def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """(o, final_state) for q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``; see ``chunk.py``."""
-    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                  chunk_loop=_triton_chunk_loop(q))
+
+
+def _triton_chunk_loop(q):
+    """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop; fp64 inputs keep it too, the
+    kernel computes in fp32)."""
+    if not q.is_cuda or q.dtype == torch.float64:
+        return None
+    try:
+        from .chunk_triton import chunk_state_loop_triton
+    except ImportError:  # no Triton
+        return None
+    return chunk_state_loop_triton
 
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "gated_delta_rule_recurrent_ref", "gated_delta_rule_step"]

@@ -14,8 +14,9 @@ system, (I + A) U = diag(b) V - diag(b exp(G)) K S0 with A_ij = b_i exp(G_i - G_
     S_end = exp(G_last) S0 + (K exp(G_last - G))^T U
 
 Ut, W and the intra-chunk scores of all chunks are computed at once; only the short state recurrence
-over chunks is sequential. Every exponent is <= 0, so nothing overflows. Computed in fp32 (fp64 for
-fp64 inputs) with any outer autocast switched off; autograd goes through the PyTorch ops.
+over chunks is sequential (``chunk_state_loop``; on GPU ``chunk_triton.py`` runs it as one Triton
+kernel). Every exponent is <= 0, so nothing overflows. Computed in fp32 (fp64 for fp64 inputs) with any
+outer autocast switched off; autograd goes through the PyTorch ops.
 
 This file imports nothing but torch: an exported HF folder carries it as gated_delta_chunk.py.
 Shapes: q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``, state ``[B, H, Dk, Dv]``; with
@@ -73,7 +74,7 @@ def final_states(finals: list, output_final_state: bool) -> Optional[torch.Tenso
     return S if S.dtype == torch.float64 else S.float()
 
 
-def _chunked(q, k, v, g, beta, scale, S, chunk_size):
+def _chunked(q, k, v, g, beta, scale, S, chunk_size, chunk_loop):
     """One batch of sequences [B, T, H, *] (compute dtype, q and k normalised) from state S [B, H, Dk, Dv]."""
     B, T, H, Dk = q.shape
     pad = -T % chunk_size
@@ -98,29 +99,41 @@ def _chunked(q, k, v, g, beta, scale, S, chunk_size):
     scores = (q @ k.transpose(-1, -2)) * decay
     q_in = q * G.exp()[..., None]
     k_out = k * torch.exp(G[..., -1:] - G)[..., None]
-    last = G[..., -1].exp()[..., None, None]  # [B, H, N, 1, 1]
+    last = G[..., -1].exp()  # [B, H, N]
+    o, S = chunk_loop(Ut, W, q_in, scores, k_out, last, S)
+    o = scale * o.reshape(B, H, N * C, -1)[:, :, :T]
+    return o.transpose(1, 2), S
+
+
+def chunk_state_loop(Ut, W, q_in, scores, k_out, last, S):
+    """The sequential part of the chunked form: chunk n, from the state S entering it, gives
+    U = Ut - W S, its (unscaled) output q_in S + scores U and the state k_out^T U + last S leaving it.
+    Ut ``[B, H, N, C, Dv]``, W, q_in, k_out ``[B, H, N, C, Dk]``, scores ``[B, H, N, C, C]``, last
+    ``[B, H, N]``, S ``[B, H, Dk, Dv]`` -> (o ``[B, H, N, C, Dv]``, final S). A loop of small matmuls:
+    ``chunk_triton.py`` runs it as one kernel."""
     outs = []
-    for n in range(N):
+    for n in range(Ut.shape[2]):
         U = Ut[:, :, n] - W[:, :, n] @ S
         outs.append(q_in[:, :, n] @ S + scores[:, :, n] @ U)
-        S = last[:, :, n] * S + k_out[:, :, n].transpose(-1, -2) @ U
-    o = scale * torch.stack(outs, 2).reshape(B, H, N * C, -1)[:, :, :T]
-    return o.transpose(1, 2), S
+        S = last[:, :, n, None, None] * S + k_out[:, :, n].transpose(-1, -2) @ U
+    return torch.stack(outs, 2), S
 
 
 def chunk_gated_delta_rule(
     q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
-    chunk_size: int = CHUNK,
+    chunk_size: int = CHUNK, chunk_loop=None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(o ``[B, T, H, Dv]`` in v's dtype, final state or None), any T."""
+    """(o ``[B, T, H, Dv]`` in v's dtype, final state or None), any T. ``chunk_loop`` replaces
+    ``chunk_state_loop`` (same arguments and results), e.g. with the Triton kernel."""
     check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     # an outer autocast (the trainer's bf16) would run the matmuls below in bf16: keep them in fp32
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                                       chunk_size)
+                                       chunk_size, chunk_loop or chunk_state_loop)
 
 
-def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
+def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                            chunk_loop):
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = Dk**-0.5 if scale is None else scale
@@ -135,7 +148,7 @@ def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final
         else:
             S = (initial_state if cu_seqlens is None else initial_state[n : n + 1]).to(ct)
         o, S = _chunked(q[:, start:end], k[:, start:end], v[:, start:end], g[:, start:end], beta[:, start:end],
-                        scale, S, chunk_size)
+                        scale, S, chunk_size, chunk_loop)
         outs.append(o)
         finals.append(S)
     return torch.cat(outs, 1).to(out_dtype), final_states(finals, output_final_state)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_utils import dot, dot_precision, pow2
+
 LOG2E = 1.4426950408889634
 
 
@@ -51,17 +53,6 @@ def _empty(shape, dtype, device):
 def _pow_a(m2, e):
     """a^e for a = exp(-slope), m2 = slope * log2(e)."""
     return tl.exp2(-m2 * e.to(tl.float32))
-
-
-@triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b on the tensor cores, fp32 accumulation (acc may be None). PREC "interpret"
-    upcasts the operands: the Triton interpreter multiplies bf16 wrongly (numpy has no bf16),
-    and the upcast is exact."""
-    if PREC == "interpret":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PREC)
 
 
 @triton.jit
@@ -116,7 +107,7 @@ def _block_state_kernel(k_ptr, v_ptr, buf_ptr, slopes_ptr, cu_ptr, btab_ptr, upd
             e = t_end - 1 - rows
         w = tl.where(valid, _pow_a(m2, tl.maximum(e, 0)), 0.0) * upd_scale
         # Decay (and scale) v rather than k: k^T then feeds the tensor cores straight from shared memory.
-        acc = _dot(tl.trans(kk), (vv * w[:, None]).to(vv.dtype), acc, PREC)
+        acc = dot(tl.trans(kk), (vv * w[:, None]).to(vv.dtype), acc, PREC)
     s_off = o_k[:, None] * DV + o_v[None, :]
     tl.store(buf_ptr + (i_b.to(tl.int64) * H + i_h) * DK * DV + s_off, acc,
              mask=(o_k[:, None] < DK) & (o_v[None, :] < DV))
@@ -218,15 +209,15 @@ def _block_walk(q_ptr, k_ptr, v_ptr, o_ptr, s_ptr, s_stride_key, s_stride_val,
         kk = tl.load(k_ptr + rows[:, None] * stride_qk + o_k[None, :], mask=qk_mask, other=0.0)
         vv = tl.load(v_ptr + rows[:, None] * stride_vo + o_v[None, :], mask=vo_mask, other=0.0)
 
-        scores = _dot(qq, tl.trans(kk), None, PREC) * (W * intra_scale)
+        scores = dot(qq, tl.trans(kk), None, PREC) * (W * intra_scale)
         # One accumulator: the row-decayed inter-chunk term, then the intra-chunk product on top.
-        out = _dot(qq, state.to(qq.dtype), None, PREC)
+        out = dot(qq, state.to(qq.dtype), None, PREC)
         out *= (inter_scale * _decay_weights(m2, i, n, REVERSE, False))[:, None]
-        out = _dot(scores.to(vv.dtype), vv, out, PREC)
+        out = dot(scores.to(vv.dtype), vv, out, PREC)
         tl.store(o_ptr + rows[:, None] * stride_vo + o_v[None, :], out.to(o_ptr.dtype.element_ty), mask=vo_mask)
 
         vw = (vv * (upd_scale * _decay_weights(m2, i, n, REVERSE, True))[:, None]).to(vv.dtype)
-        state = _dot(tl.trans(kk), vw, state * _pow_a(m2, n), PREC)
+        state = dot(tl.trans(kk), vw, state * _pow_a(m2, n), PREC)
 
 
 @triton.jit
@@ -238,9 +229,9 @@ def _chunk_out_t(st, qq, kk, vv, Wt, w_col, PREC: tl.constexpr):
     BC = 64 rows the second warp group repeats the first one's work. Transposed, the two
     products with the state or the output have D = 128 rows, split between the warp groups;
     only the small score product (BC x BC x D) is still done twice."""
-    s = (_dot(kk, tl.trans(qq), None, PREC) * Wt).to(vv.dtype)
-    out = _dot(st, tl.trans(qq), None, PREC) * w_col
-    return _dot(tl.trans(vv), s, out, PREC)
+    s = (dot(kk, tl.trans(qq), None, PREC) * Wt).to(vv.dtype)
+    out = dot(st, tl.trans(qq), None, PREC) * w_col
+    return dot(tl.trans(vv), s, out, PREC)
 
 
 @triton.jit
@@ -273,7 +264,7 @@ def _dq_walk_t(do_ptr, v_ptr, k_ptr, dq_ptr, s_ptr, t_blk, eos, m2, scale,
         tl.store(dq_ptr + rows[None, :] * stride_k + o_k[:, None], dqt.to(dq_ptr.dtype.element_ty),
                  mask=tl.trans(k_mask))
         kw = (kk * _decay_weights(m2, i, n, 0, True)[:, None]).to(kk.dtype)
-        S = _dot(tl.trans(kw), vv, S * _pow_a(m2, n), PREC)
+        S = dot(tl.trans(kw), vv, S * _pow_a(m2, n), PREC)
 
 
 @triton.jit
@@ -318,7 +309,7 @@ def _dkdv_walk_t(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, g_ptr, t_blk, eos,
         # The decay on q rather than do: q^T then feeds the tensor cores from registers, do from
         # shared memory (the other way round spilled).
         qw = (qq * (scale * _decay_weights(m2, i, n, 1, True))[:, None]).to(qq.dtype)
-        G = _dot(tl.trans(qw), dd, G * _pow_a(m2, n), PREC)
+        G = dot(tl.trans(qw), dd, G * _pow_a(m2, n), PREC)
         # G in bf16 carried from one chunk to the next: Triton then feeds G and G^T to the tensor
         # cores from shared memory rather than a register copy per use (which spilled).
         gb = G.to(qq.dtype)
@@ -427,17 +418,6 @@ def _make_plan(B, T, cu_seqlens, device, block_size):
     return _cached_plan(lengths, device, block_size)
 
 
-def _pow2(n):
-    return max(16, triton.next_power_of_2(n))
-
-
-def _prec(x):
-    if not x.is_cuda:
-        return "interpret"
-    # fp32 inputs: three tf32 products per dot give ~fp32 accuracy on tensor cores.
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
-
-
 def _num_sms(device):
     if device.type != "cuda":
         return 132
@@ -455,7 +435,7 @@ def _default_config(n_tokens, H, device, dtype=torch.bfloat16, dk=128, dv=128):
     and 3 stages (H100, T=64K, same process: fwd+bwd 1.988 vs 2.111 ms); fp32 operands would not
     fit its shared memory, nor would the whole [DK, DV] fp32 state it keeps per program for larger
     heads (it was only built and measured for D <= 128)."""
-    fused = dtype.itemsize == 2 and max(_pow2(dk), _pow2(dv)) <= 128
+    fused = dtype.itemsize == 2 and max(pow2(dk), pow2(dv)) <= 128
     bc = 64
     r = 32
     while r > 4 and (n_tokens // (bc * r)) * H < 2 * _num_sms(device):
@@ -484,11 +464,11 @@ def _block_states(k, v, ckpt, slopes, upd_scale, plan, cfg, reverse):
     DV = v.shape[-1]
     if plan.n_blocks:
         sc = min(cfg["scan_chunk"], plan.BT)
-        bk = min(_pow2(DK), cfg["scan_tile"])
-        bv = min(_pow2(DV), cfg["scan_tile"])
+        bk = min(pow2(DK), cfg["scan_tile"])
+        bv = min(pow2(DV), cfg["scan_tile"])
         _block_state_kernel[(triton.cdiv(DK, bk) * triton.cdiv(DV, bv), plan.n_blocks, H)](
             k, v, ckpt, slopes, plan.cu, plan.btab, upd_scale, H, DK, DV,
-            BT=plan.BT, SC=sc, BK=bk, BV=bv, REVERSE=reverse, PREC=_prec(k),
+            BT=plan.BT, SC=sc, BK=bk, BV=bv, REVERSE=reverse, PREC=dot_precision(k),
             num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"],
         )
 
@@ -513,10 +493,10 @@ def _forward(q, k, v, slopes, scale, h0, want_final, plan, cfg):
     ckpt, ht = _scan(k, v, slopes, h0, 1.0, plan, cfg, reverse=False, want_final=want_final)
     o = _empty(v.shape, v.dtype, v.device)
     if plan.n_blocks:
-        bv = min(_pow2(DV), cfg["value_tile"])
+        bv = min(pow2(DV), cfg["value_tile"])
         _fwd_kernel[(triton.cdiv(DV, bv), plan.n_blocks, H)](
             q, k, v, o, ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV,
-            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=bv, PREC=_prec(q),
+            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=pow2(DK), BV=bv, PREC=dot_precision(q),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return o, ht, ckpt
@@ -530,15 +510,15 @@ def _backward(q, k, v, do, dht, slopes, scale, s_ckpt, plan, cfg, want_dh0):
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
     if plan.n_blocks:
-        bvk = min(_pow2(DK), cfg["value_tile"])
-        bvv = min(_pow2(DV), cfg["value_tile"])
+        bvk = min(pow2(DK), cfg["value_tile"])
+        bvv = min(pow2(DV), cfg["value_tile"])
         ntk = triton.cdiv(DK, bvk)
         fused = bool(cfg["fused_dkdv"])
         n_roles = 2 if fused else 2 * ntk + triton.cdiv(DV, bvv)
         _bwd_kernel[(n_roles, plan.n_blocks, H)](
             q, k, v, do, dq, dk, dv, s_ckpt, g_ckpt, slopes, plan.cu, plan.btab, scale, H, DK, DV, ntk,
-            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=_pow2(DK), BV=_pow2(DV), BVK=bvk, BVV=bvv,
-            FUSED_DKDV=fused, PREC=_prec(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
+            BC=cfg["chunk_size"], R=cfg["block_chunks"], BK=pow2(DK), BV=pow2(DV), BVK=bvk, BVV=bvv,
+            FUSED_DKDV=fused, PREC=dot_precision(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
         )
     return dq, dk, dv, dh0
 

@@ -111,3 +111,46 @@ def test_step_matches_float64(B, dtype):
     ro, rnew = lightning_attention_step_ref(q.double(), k.double(), v.double(), slopes, state.double())
     assert rel_err(o, ro) < TOL[dtype]
     assert rel_err(new, rnew) < 1e-6
+
+
+# ---- Gated DeltaNet: the chunked op with its loop over chunks in Triton ------------------------------
+
+GDN_CASES = {
+    # name: (B, T, H, DK, DV, dtype, initial state); the first is issue #7's Gated DeltaNet layer
+    "bf16-recipe-layer": (2, 1024, 10, 64, 64, torch.bfloat16, False),
+    "fp32-d128-T4133-h0": (1, 4096 + 37, 4, 128, 128, torch.float32, True),
+    "bf16-dk128-dv64-h0": (2, 3000, 3, 128, 64, torch.bfloat16, True),
+}
+
+
+@pytest.mark.parametrize("name", list(GDN_CASES))
+def test_gated_delta_rule_takes_the_triton_loop_and_matches_float64(name):
+    """The dispatcher's path on CUDA (the Triton chunk loop) against the chunked form in float64 on the GPU
+    (the PyTorch loop; the CPU tests tie it to the token-by-token recurrence): output, final state, and the
+    gradients of q, k, v, g, beta and the initial state."""
+    from kernels.gated_delta import _triton_chunk_loop, chunk_gated_delta_rule, gated_delta_rule
+    from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
+
+    B, T, H, DK, DV, dtype, with_h0 = GDN_CASES[name]
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(7)
+    q, k = (torch.randn(B, T, H, DK, device=dev, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, DV, device=dev, generator=g).to(dtype)
+    gate = -lightning_slopes(H).to(dev) * torch.nn.functional.softplus(torch.randn(B, T, H, device=dev, generator=g))
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=g))
+    h0 = torch.randn(B, H, DK, DV, device=dev, generator=g) if with_h0 else None
+    leaves = [x.requires_grad_(True) for x in [q, k, v, gate, beta] + ([h0] if with_h0 else [])]
+    assert _triton_chunk_loop(q) is chunk_state_loop_triton
+
+    o, ht = gated_delta_rule(q, k, v, gate, beta, None, h0, True)
+    refs = [x.detach().double().requires_grad_(True) for x in leaves]
+    ro, rht = chunk_gated_delta_rule(*refs[:5], None, refs[5] if with_h0 else None, True)
+    tol = TOL[dtype]
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    assert rel_err(o, ro) < tol and rel_err(ht, rht) < tol
+    do = torch.randn(o.shape, device=dev, generator=g).to(dtype)
+    dht = torch.randn(ht.shape, device=dev, generator=g)
+    torch.autograd.backward([o, ht], [do, dht])
+    torch.autograd.backward([ro, rht], [do.double(), dht.double()])
+    for label, x, rx in zip("q k v g beta h0".split(), leaves, refs):
+        assert rel_err(x.grad, rx.grad) < tol, label

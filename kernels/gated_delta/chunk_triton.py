@@ -1,0 +1,173 @@
+"""The chunk loop of Gated DeltaNet's chunked form (``chunk.chunk_state_loop``) as one Triton kernel,
+forward and backward.
+
+``chunk.py`` computes everything that is parallel over chunks with batched PyTorch ops (the
+triangular solve for the pseudo values, the intra-chunk scores) and leaves a loop over chunks:
+
+    U_n = Ut_n - W_n S_n,   o_n = q_in_n S_n + scores_n U_n,   S_{n+1} = last_n S_n + k_out_n^T U_n
+
+In PyTorch that loop is a handful of small matmuls per chunk, forward and backward, launched one by
+one. Here one program per (sequence, head, value tile) walks all chunks with the state tile in
+registers. Value columns never mix (every product above is linear in the columns of S and U), so
+the tiles are independent.
+
+Backward: with dS = dL/dS_{n+1}, walking the chunks in reverse,
+
+    dU = scores^T do + k_out dS         (= dUt)
+    dW = -dU S_n^T,  dq_in = do S_n^T,  dscores = do U^T,  dk_out = U dS^T,  dlast = <S_n, dS>
+    dS_n = last dS + q_in^T do - W^T dU
+
+The states entering the chunks are stored by the forward pass ([B, H, N, Dk, Dv] fp32, as the
+PyTorch loop's autograd keeps them) and U is recomputed. The gradients that sum over value columns
+(dW, dq_in, dscores, dk_out, dlast) are written per value tile and summed afterwards. Everything is
+fp32: ``chunk.py`` computes in fp32 (fp64 inputs keep the PyTorch loop).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..triton_utils import dot, dot_precision, pow2
+
+VALUE_TILE = 64
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here, so tests can poison them (fill with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _fwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, s0_ptr, o_ptr, states_ptr, sn_ptr, N,
+                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = o_k < DK, o_v < DV
+    s_off = o_k[:, None] * DV + o_v[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+    S = tl.load(s0_ptr + i_bh * DK * DV + s_off, mask=s_mask, other=0.0)
+    for n in range(N):
+        c = i_bh * N + n  # chunk index in [B * H * N]
+        k_off = c * C * DK + r[:, None] * DK + o_k[None, :]
+        v_off = c * C * DV + r[:, None] * DV + o_v[None, :]
+        w = tl.load(w_ptr + k_off, mask=mk[None, :], other=0.0)
+        qi = tl.load(qi_ptr + k_off, mask=mk[None, :], other=0.0)
+        ko = tl.load(ko_ptr + k_off, mask=mk[None, :], other=0.0)
+        ut = tl.load(ut_ptr + v_off, mask=mv[None, :], other=0.0)
+        sc = tl.load(sc_ptr + c * C * C + r[:, None] * C + r[None, :])
+        a = tl.load(last_ptr + c)
+        tl.store(states_ptr + c * DK * DV + s_off, S, mask=s_mask)
+        u = ut - dot(w, S, None, PREC)
+        o = dot(sc, u, dot(qi, S, None, PREC), PREC)
+        tl.store(o_ptr + v_off, o, mask=mv[None, :])
+        S = dot(tl.trans(ko), u, a * S, PREC)
+    tl.store(sn_ptr + i_bh * DK * DV + s_off, S, mask=s_mask)
+
+
+@triton.jit
+def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_ptr, dsn_ptr,
+                dut_ptr, dw_ptr, dqi_ptr, dsc_ptr, dko_ptr, dlast_ptr, ds0_ptr, N, BHN,
+                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, C)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = o_k < DK, o_v < DV
+    s_off = o_k[:, None] * DV + o_v[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+    part = i_v.to(tl.int64) * BHN  # this value tile's slice of the per-tile partial sums
+    dS = tl.load(dsn_ptr + i_bh * DK * DV + s_off, mask=s_mask, other=0.0)
+    for m in range(N):
+        c = i_bh * N + (N - 1 - m)
+        k_off = c * C * DK + r[:, None] * DK + o_k[None, :]
+        v_off = c * C * DV + r[:, None] * DV + o_v[None, :]
+        w = tl.load(w_ptr + k_off, mask=mk[None, :], other=0.0)
+        qi = tl.load(qi_ptr + k_off, mask=mk[None, :], other=0.0)
+        ko = tl.load(ko_ptr + k_off, mask=mk[None, :], other=0.0)
+        ut = tl.load(ut_ptr + v_off, mask=mv[None, :], other=0.0)
+        do = tl.load(do_ptr + v_off, mask=mv[None, :], other=0.0)
+        sc = tl.load(sc_ptr + c * C * C + r[:, None] * C + r[None, :])
+        a = tl.load(last_ptr + c)
+        S = tl.load(states_ptr + c * DK * DV + s_off, mask=s_mask, other=0.0)
+        u = ut - dot(w, S, None, PREC)
+        du = dot(ko, dS, dot(tl.trans(sc), do, None, PREC), PREC)
+        tl.store(dut_ptr + v_off, du, mask=mv[None, :])
+        pk_off = (part + c) * C * DK + r[:, None] * DK + o_k[None, :]
+        tl.store(dw_ptr + pk_off, -dot(du, tl.trans(S), None, PREC), mask=mk[None, :])
+        tl.store(dqi_ptr + pk_off, dot(do, tl.trans(S), None, PREC), mask=mk[None, :])
+        tl.store(dko_ptr + pk_off, dot(u, tl.trans(dS), None, PREC), mask=mk[None, :])
+        tl.store(dsc_ptr + (part + c) * C * C + r[:, None] * C + r[None, :], dot(do, tl.trans(u), None, PREC))
+        tl.store(dlast_ptr + part + c, tl.sum(tl.sum(S * dS, 1), 0))
+        dS = a * dS + dot(tl.trans(qi), do, None, PREC) - dot(tl.trans(w), du, None, PREC)
+    tl.store(ds0_ptr + i_bh * DK * DV + s_off, dS, mask=s_mask)
+
+
+def _tiles(DK, DV):
+    bv = min(pow2(DV), VALUE_TILE)
+    return pow2(DK), bv, triton.cdiv(DV, bv)
+
+
+def _warps(bk):
+    # two [Dk, value tile] fp32 tiles (state and its gradient) live in registers
+    return 8 if bk >= 128 else 4
+
+
+class _ChunkLoopFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, Ut, W, q_in, scores, k_out, last, S0):
+        B, H, N, C, DV = Ut.shape
+        DK = W.shape[-1]
+        Ut, W, q_in, scores, k_out, last, S0 = (x.contiguous() for x in (Ut, W, q_in, scores, k_out, last, S0))
+        o = _empty(Ut.shape, torch.float32, Ut.device)
+        states = _empty((B, H, N, DK, DV), torch.float32, Ut.device)
+        S_end = _empty((B, H, DK, DV), torch.float32, Ut.device)
+        bk, bv, nv = _tiles(DK, DV)
+        _fwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, S0, o, states, S_end, N, DK, DV, C, bk, bv,
+                                 PREC=dot_precision(Ut), num_warps=_warps(bk))
+        ctx.save_for_backward(Ut, W, q_in, scores, k_out, last, states)
+        return o, S_end
+
+    @staticmethod
+    def backward(ctx, do, dS_end):
+        Ut, W, q_in, scores, k_out, last, states = ctx.saved_tensors
+        B, H, N, C, DV = Ut.shape
+        DK = W.shape[-1]
+        bk, bv, nv = _tiles(DK, DV)
+        dev, f32 = Ut.device, torch.float32
+        do, dS_end = do.contiguous(), dS_end.contiguous()
+        dUt = _empty(Ut.shape, f32, dev)
+        dS0 = _empty((B, H, DK, DV), f32, dev)
+        dW, dq_in, dk_out = (_empty((nv,) + W.shape, f32, dev) for _ in range(3))
+        dscores = _empty((nv,) + scores.shape, f32, dev)
+        dlast = _empty((nv,) + last.shape, f32, dev)
+        _bwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, states, do, dS_end,
+                                 dUt, dW, dq_in, dscores, dk_out, dlast, dS0, N, B * H * N, DK, DV, C, bk, bv,
+                                 PREC=dot_precision(Ut), num_warps=_warps(bk))
+        dW, dq_in, dscores, dk_out, dlast = (x.sum(0) for x in (dW, dq_in, dscores, dk_out, dlast))
+        return dUt, dW, dq_in, dscores, dk_out, dlast, dS0
+
+
+@torch.compiler.disable
+def chunk_state_loop_triton(Ut, W, q_in, scores, k_out, last, S):
+    """``chunk.chunk_state_loop`` (same arguments and results, all fp32) in Triton; differentiable in every
+    input. Runs on CUDA tensors, or on CPU tensors when Triton was imported with TRITON_INTERPRET=1.
+    Opaque to torch.compile, like the Lightning kernel (inductor re-compiling Triton kernels fails)."""
+    B, H, N, C, DV = Ut.shape
+    DK = W.shape[-1]
+    shapes = {"W": (W, (B, H, N, C, DK)), "q_in": (q_in, (B, H, N, C, DK)), "k_out": (k_out, (B, H, N, C, DK)),
+              "scores": (scores, (B, H, N, C, C)), "last": (last, (B, H, N)), "S": (S, (B, H, DK, DV))}
+    for name, (x, shape) in shapes.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must be {list(shape)} to go with Ut {list(Ut.shape)}; got {list(x.shape)}")
+    if any(x.dtype != torch.float32 for x in (Ut, W, q_in, scores, k_out, last, S)):
+        raise ValueError("the Triton chunk loop computes in fp32: every input must be fp32 (fp64 inputs take "
+                         "chunk.chunk_state_loop)")
+    if C < 16 or C & (C - 1):
+        raise ValueError(f"the chunk size must be a power of two of at least 16 for the Triton loop; got {C}")
+    if N == 0:
+        return Ut.new_zeros(Ut.shape), S
+    return _ChunkLoopFunction.apply(Ut, W, q_in, scores, k_out, last, S)
