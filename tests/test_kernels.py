@@ -228,13 +228,14 @@ def _loop_inputs(B, H, N, C, DK, DV, seed=0):
 
 
 @interpreted
-@pytest.mark.parametrize("DK, DV", [(16, 16), (24, 80)])  # (24, 80): a masked key tile, two value tiles
-def test_triton_gated_delta_chunk_loop_matches_pytorch_loop_in_float64(DK, DV):
+@pytest.mark.parametrize("precise", [True, False])  # value tiles of 16 and 32
+@pytest.mark.parametrize("DK, DV", [(16, 16), (24, 80)])  # (24, 80): a masked key tile, several value tiles
+def test_triton_gated_delta_chunk_loop_matches_pytorch_loop_in_float64(DK, DV, precise):
     from kernels.gated_delta.chunk import chunk_state_loop
 
     ref_in = [x.requires_grad_(True) for x in _loop_inputs(2, 2, 3, 16, DK, DV)]
     tri_in = [x.detach().float().requires_grad_(True) for x in ref_in]
-    o, S = chunk_triton.chunk_state_loop_triton(*tri_in)
+    o, S = chunk_triton.chunk_state_loop_triton(*tri_in, precise=precise)
     ro, rS = chunk_state_loop(*ref_in)
     assert o.dtype == S.dtype == torch.float32
     assert rel_err(o, ro) < 2e-6 and rel_err(S, rS) < 2e-6
@@ -287,6 +288,21 @@ def test_bench_gated_delta_error_check_compares_the_two_loops():
     assert check(inputs, chunk_size=16) < 1e-5
 
 
+def test_gated_delta_launch_configs_fit_hopper_shared_memory():
+    """Compiled for sm_90 (no GPU needed) at the configuration the op launches for each head dim and precision:
+    Triton's default pipelining would ask for more shared memory than an H100 has, which only a launch shows."""
+    pytest.importorskip("triton")
+    if INTERPRETED:
+        pytest.skip("compiles for the GPU: outside the interpreted run")
+    from kernels.gated_delta.chunk_triton import MAX_SHARED
+    from tools.bench_gated_delta import compile_report
+
+    rows = compile_report()
+    assert len(rows) == 12
+    for row in rows:
+        assert 0 < row["shared"] <= MAX_SHARED, row
+
+
 def test_triton_gated_delta_chunk_loop_rejects_bad_arguments():
     pytest.importorskip("triton")
     from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
@@ -299,6 +315,9 @@ def test_triton_gated_delta_chunk_loop_rejects_bad_arguments():
     bad_chunk = _loop_inputs(1, 2, 2, 12, 16, 16)
     with pytest.raises(ValueError, match="power of two"):
         chunk_state_loop_triton(*[x.float() for x in bad_chunk])
+    wide = _loop_inputs(1, 1, 1, 16, 256, 16)
+    with pytest.raises(ValueError, match="up to 128"):
+        chunk_state_loop_triton(*[x.float() for x in wide])
 
 
 # ---- the references themselves (float64, no Triton) --------------------------------------------

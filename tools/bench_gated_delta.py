@@ -7,7 +7,9 @@ A shape is BxTxHxD (q, k, v [B, T, H, D], bf16 as the trainer's layers hand them
 fp32). For each shape: the Triton path's output and input gradients against the PyTorch path's (relative
 L2 error), then forward and forward+backward times (medians of triton.testing.do_bench) and the ratio.
 The first shape is issue #7's Gated DeltaNet layer (micro-batch 2 of 1024 tokens, 10 heads of 64).
-GPU only; tests/test_kernels.py runs the error check on CPU through the Triton interpreter.
+The timing needs a GPU; tests/test_kernels.py runs the error check on CPU through the Triton interpreter.
+--compile-report needs none: the kernels' shared memory, registers and spills, compiled for sm_90 at the
+launch configuration of each head dim.
 """
 
 import argparse
@@ -61,13 +63,37 @@ def time_both(fn, inputs):
     return fwd, do_bench(fwd_bwd, warmup=10, rep=100, grad_to_none=inputs, return_mode="median")
 
 
+def compile_report(head_dims=(32, 64, 128)):
+    """Rows of (head dim, precise, kernel, warps, shared bytes, cuobjdump's REG/STACK line) at the launch
+    configuration the op picks, compiled for sm_90 on any machine."""
+    from kernels.gated_delta import chunk_triton as ct
+    from tools.bench_kernels import compile_sm90
+
+    rows = []
+    for dim in head_dims:
+        for precise in (False, True):
+            bk, bv, _, fwd_warps, bwd_warps, prec = ct.launch_config(dim, dim, precise)
+            consts = dict(DK=dim, DV=dim, C=64, BK=bk, BV=bv, PREC=prec)
+            for fn, warps in ((ct._fwd_kernel, fwd_warps), (ct._bwd_kernel, bwd_warps)):
+                sig = {a: "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names if a not in consts}
+                shared, regs = compile_sm90(fn, sig, consts, warps, ct.STAGES)
+                rows.append(dict(head_dim=dim, precise=precise, kernel=fn.__name__, warps=warps, shared=shared,
+                                 regs=regs))
+                print(f"D={dim} {prec} {fn.__name__}: value tile {bv}, {warps} warps, {ct.STAGES} stage, "
+                      f"shared {shared} B; {regs}", flush=True)
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=["2x1024x10x64", "1x8192x16x128", "1x32768x16x128"],
                    help="BxTxHxD of q, k, v")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--out", help="append the markdown table here")
+    p.add_argument("--compile-report", action="store_true", help="compile for sm_90 and report resources; no GPU")
     args = p.parse_args(argv)
+    if args.compile_report:
+        return compile_report()
     if not torch.cuda.is_available():
         p.error("no CUDA device: the timing needs a GPU")
     device, dtype = torch.device("cuda"), torch.bfloat16

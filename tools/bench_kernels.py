@@ -240,13 +240,6 @@ def compile_report(overrides=None):
     """Shared memory, registers and stack (spills) of each kernel at the benchmark shape, compiled
     for sm_90 on any machine (ptxas and cuobjdump ship with Triton): a spill or a shared-memory
     size that allows one CTA per SM shows here without device time."""
-    import os
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     c = lchunk._default_config(65536, H, torch.device("cpu"))
     c.update(overrides or {})
     bf, f32 = "*bf16", "*fp32"
@@ -273,18 +266,30 @@ def compile_report(overrides=None):
     }
     print(f"sm_90, H={H}, D={D}, bf16, default config at T=65536: {c}")
     for name, (sig, consts, warps, stages) in kernels.items():
-        fn = getattr(lchunk, name)
-        # Pointers 16-byte aligned, as the launcher specialises them on the GPU (vector loads, cp.async).
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
-        src = ASTSource(fn, {**sig, **{a: "constexpr" for a in consts}}, constexprs=consts, attrs=attrs)
-        kern = triton.compile(src, target=GPUTarget("cuda", 90, 64),
-                              options=dict(num_warps=warps, num_stages=stages))
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kern.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        regs = next((line.strip() for line in usage.splitlines() if "REG:" in line), usage.strip())
-        print(f"{name}: {warps} warps, {stages} stages, shared {kern.metadata.shared} B; {regs}")
+        shared, regs = compile_sm90(getattr(lchunk, name), sig, consts, warps, stages)
+        print(f"{name}: {warps} warps, {stages} stages, shared {shared} B; {regs}")
+
+
+def compile_sm90(fn, sig, consts, warps, stages):
+    """(shared memory in bytes, cuobjdump's REG/STACK line) of a Triton kernel compiled for sm_90 on any
+    machine (ptxas and cuobjdump ship with Triton). sig: pointer and scalar argument types; consts: the
+    constexpr arguments."""
+    import os
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    # Pointers 16-byte aligned, as the launcher specialises them on the GPU (vector loads, cp.async).
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items() if t.startswith("*")}
+    src = ASTSource(fn, {**sig, **{a: "constexpr" for a in consts}}, constexprs=consts, attrs=attrs)
+    kern = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kern.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return kern.metadata.shared, next((line.strip() for line in usage.splitlines() if "REG:" in line), usage.strip())
 
 
 def main():

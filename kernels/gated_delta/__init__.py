@@ -2,6 +2,8 @@
 (``chunk.py``), both tested against the token-by-token reference (``naive.py``); on GPU the chunked form's
 loop over chunks runs as a Triton kernel (``chunk_triton.py``)."""
 
+import functools
+
 import torch
 
 from .chunk import chunk_gated_delta_rule, gated_delta_rule_step
@@ -15,15 +17,17 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
 
 
 def _triton_chunk_loop(q):
-    """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop; fp64 inputs keep it too, the
-    kernel computes in fp32)."""
+    """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop). fp64 inputs keep the PyTorch
+    loop (the kernel computes in fp32), as do key heads wider than the kernel was built for."""
     if not q.is_cuda or q.dtype == torch.float64:
         return None
     try:
-        from .chunk_triton import chunk_state_loop_triton
+        from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_triton
     except ImportError:  # no Triton
         return None
-    return chunk_state_loop_triton
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return None
+    return functools.partial(chunk_state_loop_triton, precise=q.dtype == torch.float32)
 
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "gated_delta_rule_recurrent_ref", "gated_delta_rule_step"]

@@ -106,29 +106,49 @@ def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_
     tl.store(ds0_ptr + i_bh * DK * DV + s_off, dS, mask=s_mask)
 
 
-def _tiles(DK, DV):
-    bv = min(pow2(DV), VALUE_TILE)
-    return pow2(DK), bv, triton.cdiv(DV, bv)
+# H100/H200: at most 227 KB of shared memory per program (opt-in)
+MAX_SHARED = 227 * 1024
+MAX_HEAD_DIM = 128
+STAGES = 1  # software-pipelining stages of both kernels (see launch_config)
 
 
-def _warps(bk):
-    # two [Dk, value tile] fp32 tiles (state and its gradient) live in registers
-    return 8 if bk >= 128 else 4
+def launch_config(DK, DV, precise):
+    """(key tile, value tile, value tiles, forward warps, backward warps, PREC) on CUDA.
+
+    ``precise`` (fp32 inputs) takes three tf32 products per dot (~fp32 accuracy, like the PyTorch loop's fp32
+    matmuls); 16-bit inputs take one, as their own rounding is coarser. Tiles and warps were chosen by
+    compiling for sm_90 (``tools/bench_gated_delta.py --compile-report``): one software-pipelining stage, as
+    Triton's default three exceed the shared memory at these fp32 tiles, and value tiles narrow enough that the
+    state and its gradient stay in registers (tf32x3 spills at any width; it is correct, only slower).
+    ``tests/test_kernels.py`` compiles every head dim this picks for and checks the shared memory."""
+    bk = pow2(DK)
+    if precise:
+        bv, fwd_warps, bwd_warps = 16, 4, 4
+    else:
+        bv, fwd_warps, bwd_warps = (32, 4, 4) if bk <= 64 else (16, 4, 8)
+    bv = min(bv, pow2(DV))
+    return bk, bv, triton.cdiv(DV, bv), fwd_warps, bwd_warps, "tf32x3" if precise else "tf32"
+
+
+def _config(x, DK, DV, precise):
+    cfg = launch_config(DK, DV, precise)
+    return cfg if x.is_cuda else cfg[:5] + (dot_precision(x),)
 
 
 class _ChunkLoopFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, Ut, W, q_in, scores, k_out, last, S0):
+    def forward(ctx, Ut, W, q_in, scores, k_out, last, S0, precise):
         B, H, N, C, DV = Ut.shape
         DK = W.shape[-1]
         Ut, W, q_in, scores, k_out, last, S0 = (x.contiguous() for x in (Ut, W, q_in, scores, k_out, last, S0))
         o = _empty(Ut.shape, torch.float32, Ut.device)
         states = _empty((B, H, N, DK, DV), torch.float32, Ut.device)
         S_end = _empty((B, H, DK, DV), torch.float32, Ut.device)
-        bk, bv, nv = _tiles(DK, DV)
+        bk, bv, nv, fwd_warps, _, prec = _config(Ut, DK, DV, precise)
         _fwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, S0, o, states, S_end, N, DK, DV, C, bk, bv,
-                                 PREC=dot_precision(Ut), num_warps=_warps(bk))
+                                 PREC=prec, num_warps=fwd_warps, num_stages=STAGES)
         ctx.save_for_backward(Ut, W, q_in, scores, k_out, last, states)
+        ctx.precise = precise
         return o, S_end
 
     @staticmethod
@@ -136,7 +156,7 @@ class _ChunkLoopFunction(torch.autograd.Function):
         Ut, W, q_in, scores, k_out, last, states = ctx.saved_tensors
         B, H, N, C, DV = Ut.shape
         DK = W.shape[-1]
-        bk, bv, nv = _tiles(DK, DV)
+        bk, bv, nv, _, bwd_warps, prec = _config(Ut, DK, DV, ctx.precise)
         dev, f32 = Ut.device, torch.float32
         do, dS_end = do.contiguous(), dS_end.contiguous()
         dUt = _empty(Ut.shape, f32, dev)
@@ -146,16 +166,17 @@ class _ChunkLoopFunction(torch.autograd.Function):
         dlast = _empty((nv,) + last.shape, f32, dev)
         _bwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, states, do, dS_end,
                                  dUt, dW, dq_in, dscores, dk_out, dlast, dS0, N, B * H * N, DK, DV, C, bk, bv,
-                                 PREC=dot_precision(Ut), num_warps=_warps(bk))
+                                 PREC=prec, num_warps=bwd_warps, num_stages=STAGES)
         dW, dq_in, dscores, dk_out, dlast = (x.sum(0) for x in (dW, dq_in, dscores, dk_out, dlast))
-        return dUt, dW, dq_in, dscores, dk_out, dlast, dS0
+        return dUt, dW, dq_in, dscores, dk_out, dlast, dS0, None
 
 
 @torch.compiler.disable
-def chunk_state_loop_triton(Ut, W, q_in, scores, k_out, last, S):
+def chunk_state_loop_triton(Ut, W, q_in, scores, k_out, last, S, precise=True):
     """``chunk.chunk_state_loop`` (same arguments and results, all fp32) in Triton; differentiable in every
-    input. Runs on CUDA tensors, or on CPU tensors when Triton was imported with TRITON_INTERPRET=1.
-    Opaque to torch.compile, like the Lightning kernel (inductor re-compiling Triton kernels fails)."""
+    input. ``precise``: fp32-accurate products (see ``launch_config``). Runs on CUDA tensors, or on CPU
+    tensors when Triton was imported with TRITON_INTERPRET=1. Opaque to torch.compile, like the Lightning
+    kernel (inductor re-compiling Triton kernels fails)."""
     B, H, N, C, DV = Ut.shape
     DK = W.shape[-1]
     shapes = {"W": (W, (B, H, N, C, DK)), "q_in": (q_in, (B, H, N, C, DK)), "k_out": (k_out, (B, H, N, C, DK)),
@@ -168,6 +189,9 @@ def chunk_state_loop_triton(Ut, W, q_in, scores, k_out, last, S):
                          "chunk.chunk_state_loop)")
     if C < 16 or C & (C - 1):
         raise ValueError(f"the chunk size must be a power of two of at least 16 for the Triton loop; got {C}")
+    if DK > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton loop keeps a [{DK}, value tile] state in registers: built for key head dims "
+                         f"up to {MAX_HEAD_DIM}; got {DK} (chunk.chunk_state_loop takes any)")
     if N == 0:
         return Ut.new_zeros(Ut.shape), S
-    return _ChunkLoopFunction.apply(Ut, W, q_in, scores, k_out, last, S)
+    return _ChunkLoopFunction.apply(Ut, W, q_in, scores, k_out, last, S, precise)

@@ -140,7 +140,8 @@ def test_gated_delta_rule_takes_the_triton_loop_and_matches_float64(name):
     beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=g))
     h0 = torch.randn(B, H, DK, DV, device=dev, generator=g) if with_h0 else None
     leaves = [x.requires_grad_(True) for x in [q, k, v, gate, beta] + ([h0] if with_h0 else [])]
-    assert _triton_chunk_loop(q) is chunk_state_loop_triton
+    loop = _triton_chunk_loop(q)
+    assert loop.func is chunk_state_loop_triton and loop.keywords == {"precise": dtype == torch.float32}
 
     o, ht = gated_delta_rule(q, k, v, gate, beta, None, h0, True)
     refs = [x.detach().double().requires_grad_(True) for x in leaves]
