@@ -303,6 +303,31 @@ def test_gated_delta_launch_configs_fit_hopper_shared_memory():
         assert 0 < row["shared"] <= MAX_SHARED, row
 
 
+def test_gated_delta_dispatch_picks_the_loop(monkeypatch):
+    """Which loop gated_delta_rule hands the chunked form, for inputs that claim to be on CUDA."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from kernels.gated_delta import LOOP_ENV, _triton_chunk_loop
+    from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
+
+    def q(dtype=torch.bfloat16, dim=64, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 8, 2, dim))
+
+    monkeypatch.delenv(LOOP_ENV, raising=False)
+    loop = _triton_chunk_loop(q())
+    assert loop.func is chunk_state_loop_triton and loop.keywords == {"precise": False}
+    assert _triton_chunk_loop(q(torch.float32)).keywords == {"precise": True}
+    assert _triton_chunk_loop(q(cuda=False)) is None
+    assert _triton_chunk_loop(q(torch.float64)) is None
+    assert _triton_chunk_loop(q(dim=256)) is None
+    monkeypatch.setenv(LOOP_ENV, "pytorch")
+    assert _triton_chunk_loop(q()) is None
+    monkeypatch.setenv(LOOP_ENV, "fla")
+    with pytest.raises(ValueError, match="'triton' or 'pytorch'"):
+        _triton_chunk_loop(q())
+
+
 def test_triton_gated_delta_chunk_loop_rejects_bad_arguments():
     pytest.importorskip("triton")
     from kernels.gated_delta.chunk_triton import chunk_state_loop_triton

@@ -3,6 +3,7 @@
 loop over chunks runs as a Triton kernel (``chunk_triton.py``)."""
 
 import functools
+import os
 
 import torch
 
@@ -16,10 +17,18 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                                   chunk_loop=_triton_chunk_loop(q))
 
 
+# HYPENET_GATED_DELTA_LOOP=pytorch keeps chunk.py's PyTorch loop on CUDA too: a way around a Triton build that
+# miscompiles the kernel (as fla's gated kernels are on triton 3.6 + Hopper) without changing code
+LOOP_ENV = "HYPENET_GATED_DELTA_LOOP"
+
+
 def _triton_chunk_loop(q):
     """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop). fp64 inputs keep the PyTorch
     loop (the kernel computes in fp32), as do key heads wider than the kernel was built for."""
-    if not q.is_cuda or q.dtype == torch.float64:
+    choice = os.environ.get(LOOP_ENV, "triton")
+    if choice not in ("triton", "pytorch"):
+        raise ValueError(f"{LOOP_ENV} must be 'triton' or 'pytorch'; got {choice!r}")
+    if choice == "pytorch" or not q.is_cuda or q.dtype == torch.float64:
         return None
     try:
         from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_triton
