@@ -19,8 +19,9 @@ Backward: with dS = dL/dS_{n+1}, walking the chunks in reverse,
 
 The states entering the chunks are stored by the forward pass ([B, H, N, Dk, Dv] fp32, as the
 PyTorch loop's autograd keeps them) and U is recomputed. The gradients that sum over value columns
-(dW, dq_in, dscores, dk_out, dlast) are written per value tile and summed afterwards. Everything is
-fp32: ``chunk.py`` computes in fp32 (fp64 inputs keep the PyTorch loop).
+(dW, dq_in, dscores, dk_out, dlast) are written per value tile and summed afterwards (deterministic, unlike
+atomic adds; transient memory of the value-tile count times those gradients). Everything is fp32: ``chunk.py``
+computes in fp32 (fp64 inputs keep the PyTorch loop).
 """
 
 import torch
@@ -28,8 +29,6 @@ import triton
 import triton.language as tl
 
 from ..triton_utils import dot, dot_precision, pow2
-
-VALUE_TILE = 64
 
 
 def _empty(shape, dtype, device):
