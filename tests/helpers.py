@@ -54,6 +54,20 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def check_fwd_bwd(outs, ref_outs, leaves, ref_leaves, names, tol, generator) -> None:
+    """Outputs against their float64 references, then, for the same random cotangents (drawn with generator,
+    rounded to each output's dtype), the gradients of leaves against those of ref_leaves: every relative
+    error below tol."""
+    for i, (o, ro) in enumerate(zip(outs, ref_outs)):
+        assert rel_err(o, ro) < tol, f"output {i}"
+    cots = [torch.randn(o.shape, generator=generator, device=o.device, dtype=torch.float64).to(o.dtype)
+            for o in outs]
+    torch.autograd.backward(list(outs), cots)
+    torch.autograd.backward(list(ref_outs), [c.double() for c in cots])
+    for name, x, rx in zip(names, leaves, ref_leaves):
+        assert rel_err(x.grad, rx.grad) < tol, name
+
+
 def make_distill_work(root, pattern: str = "ALLA"):
     """A tiny teacher with tied embeddings, a `pattern` student initialised from it (which `--stage distill
     --load <root>/hybrid` loads as is), a tokenizer and preprocessed data, all under `root`."""

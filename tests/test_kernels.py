@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from helpers import poison_kernel_buffers, rel_err
+from helpers import check_fwd_bwd, poison_kernel_buffers, rel_err
 from kernels.lightning.naive import (
     lightning_attention_chunk_ref,
     lightning_attention_recurrent_ref,
@@ -238,14 +238,8 @@ def test_triton_gated_delta_chunk_loop_matches_pytorch_loop_in_float64(DK, DV, p
     o, S = chunk_triton.chunk_state_loop_triton(*tri_in, precise=precise)
     ro, rS = chunk_state_loop(*ref_in)
     assert o.dtype == S.dtype == torch.float32
-    assert rel_err(o, ro) < 2e-6 and rel_err(S, rS) < 2e-6
-    g = torch.Generator().manual_seed(1)
-    do, dS = torch.randn(o.shape, generator=g, dtype=torch.float64), torch.randn(S.shape, generator=g,
-                                                                                  dtype=torch.float64)
-    torch.autograd.backward([o, S], [do.float(), dS.float()])
-    torch.autograd.backward([ro, rS], [do, dS])
-    for name, x, rx in zip("Ut W q_in scores k_out last S0".split(), tri_in, ref_in):
-        assert rel_err(x.grad, rx.grad) < 2e-6, name
+    check_fwd_bwd([o, S], [ro, rS], tri_in, ref_in, "Ut W q_in scores k_out last S0".split(), 2e-6,
+                  torch.Generator().manual_seed(1))
 
 
 @interpreted
@@ -270,14 +264,7 @@ def test_triton_gated_delta_rule_matches_float64_recurrence(cu):
                                   cu_seqlens=cu_t, chunk_size=16, chunk_loop=chunk_triton.chunk_state_loop_triton)
     ro, rS = gated_delta_rule_recurrent_ref(*ref_in[:5], scale=0.7, initial_state=ref_in[5],
                                             output_final_state=True, cu_seqlens=cu_t)
-    assert rel_err(o, ro) < 1e-5 and rel_err(S, rS) < 1e-5
-    w = torch.Generator().manual_seed(4)
-    do, dS = torch.randn(o.shape, generator=w, dtype=torch.float64), torch.randn(S.shape, generator=w,
-                                                                                  dtype=torch.float64)
-    torch.autograd.backward([o, S], [do.float(), dS.float()])
-    torch.autograd.backward([ro, rS], [do, dS])
-    for name, x, rx in zip("q k v g beta h0".split(), tri_in, ref_in):
-        assert rel_err(x.grad, rx.grad) < 1e-5, name
+    check_fwd_bwd([o, S], [ro, rS], tri_in, ref_in, "q k v g beta h0".split(), 1e-5, torch.Generator().manual_seed(4))
 
 
 @interpreted

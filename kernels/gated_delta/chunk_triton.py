@@ -37,27 +37,41 @@ def _empty(shape, dtype, device):
 
 
 @triton.jit
+def _state_tile(DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Key and value offsets, their masks, and the offsets and mask of this program's [BK, BV] state tile."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.program_id(0) * BV + tl.arange(0, BV)
+    mk, mv = o_k < DK, o_v < DV
+    return o_k, o_v, mk, mv, o_k[:, None] * DV + o_v[None, :], mk[:, None] & mv[None, :]
+
+
+@triton.jit
+def _load_chunk(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, c, o_k, o_v, mk, mv,
+                DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr):
+    """Chunk c's (of all [B * H * N]) W, q_in, k_out, Ut value tile, scores and decay, and the offsets of its
+    key-width and value-width tiles."""
+    r = tl.arange(0, C)
+    k_off = c * C * DK + r[:, None] * DK + o_k[None, :]
+    v_off = c * C * DV + r[:, None] * DV + o_v[None, :]
+    w = tl.load(w_ptr + k_off, mask=mk[None, :], other=0.0)
+    qi = tl.load(qi_ptr + k_off, mask=mk[None, :], other=0.0)
+    ko = tl.load(ko_ptr + k_off, mask=mk[None, :], other=0.0)
+    ut = tl.load(ut_ptr + v_off, mask=mv[None, :], other=0.0)
+    sc = tl.load(sc_ptr + c * C * C + r[:, None] * C + r[None, :])
+    return w, qi, ko, ut, sc, tl.load(last_ptr + c), k_off, v_off
+
+
+@triton.jit
 def _fwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, s0_ptr, o_ptr, states_ptr, sn_ptr, N,
                 DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PREC: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    r = tl.arange(0, C)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = o_k < DK, o_v < DV
-    s_off = o_k[:, None] * DV + o_v[None, :]
-    s_mask = mk[:, None] & mv[None, :]
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_k, o_v, mk, mv, s_off, s_mask = _state_tile(DK, DV, BK, BV)
     S = tl.load(s0_ptr + i_bh * DK * DV + s_off, mask=s_mask, other=0.0)
     for n in range(N):
-        c = i_bh * N + n  # chunk index in [B * H * N]
-        k_off = c * C * DK + r[:, None] * DK + o_k[None, :]
-        v_off = c * C * DV + r[:, None] * DV + o_v[None, :]
-        w = tl.load(w_ptr + k_off, mask=mk[None, :], other=0.0)
-        qi = tl.load(qi_ptr + k_off, mask=mk[None, :], other=0.0)
-        ko = tl.load(ko_ptr + k_off, mask=mk[None, :], other=0.0)
-        ut = tl.load(ut_ptr + v_off, mask=mv[None, :], other=0.0)
-        sc = tl.load(sc_ptr + c * C * C + r[:, None] * C + r[None, :])
-        a = tl.load(last_ptr + c)
+        c = i_bh * N + n
+        w, qi, ko, ut, sc, a, k_off, v_off = _load_chunk(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, c,
+                                                         o_k, o_v, mk, mv, DK, DV, C)
         tl.store(states_ptr + c * DK * DV + s_off, S, mask=s_mask)
         u = ut - dot(w, S, None, PREC)
         o = dot(sc, u, dot(qi, S, None, PREC), PREC)
@@ -71,31 +85,21 @@ def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_
                 dut_ptr, dw_ptr, dqi_ptr, dsc_ptr, dko_ptr, dlast_ptr, ds0_ptr, N, BHN,
                 DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 PREC: tl.constexpr):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    o_k, o_v, mk, mv, s_off, s_mask = _state_tile(DK, DV, BK, BV)
     r = tl.arange(0, C)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    mk, mv = o_k < DK, o_v < DV
-    s_off = o_k[:, None] * DV + o_v[None, :]
-    s_mask = mk[:, None] & mv[None, :]
-    part = i_v.to(tl.int64) * BHN  # this value tile's slice of the per-tile partial sums
+    part = tl.program_id(0).to(tl.int64) * BHN  # this value tile's slice of the per-tile partial sums
     dS = tl.load(dsn_ptr + i_bh * DK * DV + s_off, mask=s_mask, other=0.0)
     for m in range(N):
         c = i_bh * N + (N - 1 - m)
-        k_off = c * C * DK + r[:, None] * DK + o_k[None, :]
-        v_off = c * C * DV + r[:, None] * DV + o_v[None, :]
-        w = tl.load(w_ptr + k_off, mask=mk[None, :], other=0.0)
-        qi = tl.load(qi_ptr + k_off, mask=mk[None, :], other=0.0)
-        ko = tl.load(ko_ptr + k_off, mask=mk[None, :], other=0.0)
-        ut = tl.load(ut_ptr + v_off, mask=mv[None, :], other=0.0)
+        w, qi, ko, ut, sc, a, k_off, v_off = _load_chunk(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, c,
+                                                         o_k, o_v, mk, mv, DK, DV, C)
         do = tl.load(do_ptr + v_off, mask=mv[None, :], other=0.0)
-        sc = tl.load(sc_ptr + c * C * C + r[:, None] * C + r[None, :])
-        a = tl.load(last_ptr + c)
         S = tl.load(states_ptr + c * DK * DV + s_off, mask=s_mask, other=0.0)
         u = ut - dot(w, S, None, PREC)
         du = dot(ko, dS, dot(tl.trans(sc), do, None, PREC), PREC)
         tl.store(dut_ptr + v_off, du, mask=mv[None, :])
-        pk_off = (part + c) * C * DK + r[:, None] * DK + o_k[None, :]
+        pk_off = part * C * DK + k_off
         tl.store(dw_ptr + pk_off, -dot(du, tl.trans(S), None, PREC), mask=mk[None, :])
         tl.store(dqi_ptr + pk_off, dot(do, tl.trans(S), None, PREC), mask=mk[None, :])
         tl.store(dko_ptr + pk_off, dot(u, tl.trans(dS), None, PREC), mask=mk[None, :])

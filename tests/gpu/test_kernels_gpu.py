@@ -8,7 +8,7 @@ Targets: ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16, <= 1e-3 for fp32; NaN ne
 import pytest
 import torch
 
-from helpers import poison_kernel_buffers, rel_err
+from helpers import check_fwd_bwd, poison_kernel_buffers, rel_err
 from kernels.lightning import lightning_attention, lightning_attention_step
 from kernels.lightning.naive import lightning_attention_chunk_ref, lightning_attention_step_ref, lightning_slopes
 
@@ -50,17 +50,8 @@ def test_chunk_fwd_bwd_matches_float64(name):
     refs = [x.detach().double().requires_grad_(True) for x in leaves]
     ro, rht = lightning_attention_chunk_ref(refs[0], refs[1], refs[2], slopes.double(), None,
                                             refs[3] if with_h0 else None, True, cu_t)
-    tol = TOL[dtype]
     assert o.dtype == dtype and ht.dtype == torch.float32
-    assert rel_err(o, ro) < tol
-    assert rel_err(ht, rht) < tol
-
-    do = torch.randn(o.shape, device=dev, generator=g).to(dtype)
-    dht = torch.randn(ht.shape, device=dev, generator=g)
-    torch.autograd.backward([o, ht], [do, dht])
-    torch.autograd.backward([ro, rht], [do.double(), dht.double()])
-    for label, x, rx in zip("q k v h0".split(), leaves, refs):
-        assert rel_err(x.grad, rx.grad) < tol, label
+    check_fwd_bwd([o, ht], [ro, rht], leaves, refs, "q k v h0".split(), TOL[dtype], g)
 
 
 @pytest.mark.parametrize("config", [dict(block_chunks=16, scan_chunk=128, scan_tile=64, scan_warps=4, chain_blocks=2),
@@ -146,12 +137,5 @@ def test_gated_delta_rule_takes_the_triton_loop_and_matches_float64(name):
     o, ht = gated_delta_rule(q, k, v, gate, beta, None, h0, True)
     refs = [x.detach().double().requires_grad_(True) for x in leaves]
     ro, rht = chunk_gated_delta_rule(*refs[:5], None, refs[5] if with_h0 else None, True)
-    tol = TOL[dtype]
     assert o.dtype == dtype and ht.dtype == torch.float32
-    assert rel_err(o, ro) < tol and rel_err(ht, rht) < tol
-    do = torch.randn(o.shape, device=dev, generator=g).to(dtype)
-    dht = torch.randn(ht.shape, device=dev, generator=g)
-    torch.autograd.backward([o, ht], [do, dht])
-    torch.autograd.backward([ro, rht], [do.double(), dht.double()])
-    for label, x, rx in zip("q k v g beta h0".split(), leaves, refs):
-        assert rel_err(x.grad, rx.grad) < tol, label
+    check_fwd_bwd([o, ht], [ro, rht], leaves, refs, "q k v g beta h0".split(), TOL[dtype], g)
