@@ -35,9 +35,9 @@ def make_inputs(B, T, H, D, device, dtype, seed=0):
 
 
 def run(inputs, loop, chunk_size):
-    from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
+    from kernels.gated_delta.chunk_triton import chunk_state_loop_for
 
-    fn = chunk_state_loop if loop == PATHS[0] else chunk_state_loop_triton
+    fn = chunk_state_loop if loop == PATHS[0] else chunk_state_loop_for(inputs[0].dtype)  # as the trainer runs it
     return chunk_gated_delta_rule(*inputs, chunk_size=chunk_size, chunk_loop=fn)[0]
 
 

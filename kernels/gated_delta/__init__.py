@@ -2,7 +2,6 @@
 (``chunk.py``), both tested against the token-by-token reference (``naive.py``); on GPU the chunked form's
 loop over chunks runs as a Triton kernel (``chunk_triton.py``)."""
 
-import functools
 import os
 
 import torch
@@ -31,12 +30,12 @@ def _triton_chunk_loop(q):
     if choice == "pytorch" or not q.is_cuda or q.dtype == torch.float64:
         return None
     try:
-        from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_triton
+        from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_for
     except ImportError:  # no Triton
         return None
     if q.shape[-1] > MAX_HEAD_DIM:
         return None
-    return functools.partial(chunk_state_loop_triton, precise=q.dtype == torch.float32)
+    return chunk_state_loop_for(q.dtype)
 
 
 __all__ = ["chunk_gated_delta_rule", "gated_delta_rule", "gated_delta_rule_recurrent_ref", "gated_delta_rule_step"]

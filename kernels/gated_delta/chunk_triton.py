@@ -24,6 +24,8 @@ atomic adds; transient memory of the value-tile count times those gradients). Ev
 computes in fp32 (fp64 inputs keep the PyTorch loop).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -198,3 +200,9 @@ def chunk_state_loop_triton(Ut, W, q_in, scores, k_out, last, S, precise=True):
     if N == 0:
         return Ut.new_zeros(Ut.shape), S
     return _ChunkLoopFunction.apply(Ut, W, q_in, scores, k_out, last, S, precise)
+
+
+def chunk_state_loop_for(dtype: torch.dtype):
+    """The Triton loop as ``gated_delta_rule`` runs it for q of this dtype: fp32-accurate products for fp32
+    inputs, single tf32 products for 16-bit ones (see ``launch_config``)."""
+    return functools.partial(chunk_state_loop_triton, precise=dtype == torch.float32)
