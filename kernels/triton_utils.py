@@ -1,4 +1,5 @@
-"""Pieces every Triton kernel in ``kernels/`` shares: the tensor-core product and its precision."""
+"""Pieces the chunked Triton kernels in ``kernels/`` share (Lightning's and Gated DeltaNet's): the tensor-core product
+and its precision, and the tile width."""
 
 import torch
 import triton
