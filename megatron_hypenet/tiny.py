@@ -8,14 +8,15 @@ import torch
 
 def tiny_qwen3_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 4, heads: int = 4,
                       kv_heads: int = 2, head_dim: int = 16, ffn: int = 128, tie: bool = True,
-                      max_position_embeddings: int = 4096, eos_token_id: Optional[int] = None):
+                      max_position_embeddings: int = 4096, eos_token_id: Optional[int] = None,
+                      rope_theta: float = 10000.0):
     from transformers import Qwen3Config
 
     return Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=ffn, num_hidden_layers=num_layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, attention_bias=False,
         eos_token_id=eos_token_id, bos_token_id=eos_token_id, pad_token_id=eos_token_id,
     )
 

@@ -141,6 +141,28 @@ def test_hf_round_trip_gives_transformers_logits(work):
         assert (a(x).logits - b(x).logits).abs().max() <= 1e-4
 
 
+def test_rope_theta_carries_through_conversion_and_export(tmp_path):
+    # Neither the 1e4 of the tiny teachers nor the 1e6 default a missing theta falls back to: a base that is
+    # dropped anywhere on the way changes the rotary angles and the logits.
+    hf = str(tmp_path / "qwen3")
+    save_random_qwen3(hf, seed=0, vocab_size=VOCAB, tie=False, rope_theta=12345.0)
+    assert json.load(open(os.path.join(hf, "config.json")))["rope_parameters"]["rope_theta"] == 12345.0
+    hf_to_mcore(hf, str(tmp_path / "teacher"))
+    teacher, desc = _load(str(tmp_path / "teacher"))
+    assert teacher.config.rope_theta == 12345.0
+    x = _tokens(n=48)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(hf).eval()(x).logits
+    assert (_logits(teacher, x) - ref).abs().max() <= 1e-4
+
+    student = _build(desc, **{**HYBRID, "attention_rope": True})  # RoPE in every layer: the base matters everywhere
+    init_student_from_teacher(student, teacher)
+    checkpoint.save_checkpoint(str(tmp_path / "hybrid"), 0, student, model_description(student.config, VOCAB, False,
+                                                                                       desc["hf_extra"]))
+    exported = check_hf_export(str(tmp_path / "hybrid"), str(tmp_path / "hybrid_hf"), _tokens(n=9, batch=1), 4)
+    assert exported.config.rope_theta == 12345.0
+
+
 def test_hf_export_generate_equals_megatron_greedy(work):
     check_hf_export(str(work / "hybrid"), str(work / "hybrid_hf"), _tokens(n=9, batch=1), 12)
 

@@ -544,13 +544,18 @@ def test_published_page_is_its_report_rendered():
 @pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "budget_proxy.yaml"),
-                                  os.path.join(ROOT, "examples", "head_dim_proxy.yaml")])
+                                  os.path.join(ROOT, "examples", "head_dim_proxy.yaml"),
+                                  os.path.join(ROOT, "examples", "rope_theta_proxy.yaml")])
 def test_gpu_recipe_flags_parse(path):
-    """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags."""
+    """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags, and the
+    teacher's shape is one tiny_qwen3_config takes."""
     from megatron_hypenet.arguments import build_parser, parse_args
     from megatron_hypenet.recipe import to_flags, variant_stages
+    from megatron_hypenet.tiny import tiny_qwen3_config
 
     recipe = load(path)
+    shape = {k: v for k, v in recipe["make_tiny_teacher"].items() if not k.startswith("tokenizer_")}
+    assert tiny_qwen3_config(**shape).num_hidden_layers == shape["num_layers"]
     known = {a.dest for a in build_parser()._actions}
     for spec in [{}, *recipe.get("ablations", {}).values()]:
         for stage, flags in variant_stages(recipe["stages"], spec).items():
