@@ -13,7 +13,8 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
   files.
 - Without a `select` stage the main student takes `stages.distill.layer_pattern` (a fixed pattern).
-- `ablations: {name: {kind, options, stages, reuse_align, layer_pattern, num_attention_layers, budget_scale}}`: student
+- `ablations: {name: {kind, options, stages, reuse_align, layer_pattern, num_attention_layers, budget_scale,
+  replicate_of}}`: student
   variants, each its own distill + finetune (and align unless `reuse_align`: true when `options` do not change what
   align trains, i.e. only the attention layers or the pattern differ), exported and evaluated like the main student.
   `options` are stage flags applied to the variant's align, distill and finetune, `stages: {align|distill|finetune:
@@ -25,7 +26,10 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
   letter (`config.RNN_MIXERS`). `budget_scale: k` multiplies the recipe's `train_iters` of the HALO stages the variant
   trains (its align unless reused, distill, finetune): the same student on k times the tokens. `kind: position`
   marks the ablations the "HyPE beats its ablations" target compares with; the results page tabulates the loss gap
-  against HALO tokens for the main run and the `kind: budget` ones.
+  against HALO tokens for the main run and the `kind: budget` ones. `replicate_of: main` (or an ablation's name)
+  trains the main student (that ablation) again with another `options.seed`, i.e. other batches: the position
+  target pools a replicate's retrieval counts with those of what it replicates, so that one seed's luck does not
+  decide it. A replicate must train exactly as its original apart from the seed.
 - `ablation_workers: N` (default 1): train N ablations at once, each in a process of its own, beside the main
   student: a variant's own align (it needs only the teacher) beside the main align and select, the rest
   (which needs the selected pattern) beside the main distill and finetune. Small students leave the GPU idle
@@ -59,7 +63,12 @@ log = logging.getLogger("megatron_hypenet")
 
 STAGE_ORDER = ("pretrain", "align", "select", "distill", "finetune")
 TEACHER, STUDENT = "teacher (Qwen3)", "student (HypeNet)"
-ABLATION_KEYS = {"kind", "options", "stages", "reuse_align", "layer_pattern", "num_attention_layers", "budget_scale"}
+ABLATION_KEYS = {"kind", "options", "stages", "reuse_align", "layer_pattern", "num_attention_layers", "budget_scale",
+                 "replicate_of"}
+MAIN = "main"  # `replicate_of: main`: a replicate of the main student
+# what a replicate shares with its original (with their defaults): everything that decides how it trains
+REPLICATE_SHARED = {"options": {}, "stages": {}, "reuse_align": False, "layer_pattern": "selected",
+                    "num_attention_layers": None, "budget_scale": 1}
 HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
 RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
@@ -234,7 +243,9 @@ def fixed_pattern(stages: dict) -> str:
     return pattern
 
 
-def check_ablations(ablations: dict) -> None:
+def check_ablations(ablations: dict, stages: Optional[dict] = None, common: Optional[dict] = None) -> None:
+    """Refuses a malformed ablation before anything trains. `stages` and `common` (the recipe's) let it check that
+    each replicate trains on other seeds than its original."""
     from megatron_hypenet.arguments import SELECT_SCORES
 
     for name, spec in ablations.items():
@@ -262,6 +273,37 @@ def check_ablations(ablations: dict) -> None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
             raise ValueError(f"ablation {name!r}: budget_scale must be a number > 0 (a multiple of the HALO "
                              f"stages' train_iters), got {scale!r}")
+        if "replicate_of" in spec:
+            check_replicate(name, spec, ablations, stages or {}, common or {})
+
+
+def check_replicate(name: str, spec: dict, ablations: dict, stages: dict, common: dict) -> None:
+    """A replicate names the main student or a non-replicate ablation, trains as it does, and on other seeds."""
+    from megatron_hypenet.arguments import build_parser
+
+    origin = spec["replicate_of"]
+    if origin != MAIN and (origin not in ablations or "replicate_of" in ablations[origin] or origin == name):
+        raise ValueError(f"ablation {name!r}: replicate_of {origin!r}: give {MAIN!r} or the name of another ablation "
+                         "that is not itself a replicate")
+    base = {} if origin == MAIN else ablations[origin]
+
+    def shared(s: dict) -> dict:
+        out = {k: s.get(k, default) for k, default in REPLICATE_SHARED.items()}
+        out["options"] = {k: v for k, v in (out["options"] or {}).items() if k != "seed"}
+        return out
+
+    mine, theirs = shared(spec), shared(base)
+    differ = sorted(k for k in REPLICATE_SHARED if mine[k] != theirs[k])
+    if differ:
+        raise ValueError(f"ablation {name!r} replicates {origin!r} but differs from it in {differ}: a replicate trains "
+                         "exactly as its original apart from options.seed (copy its other keys)")
+    default = build_parser().get_default("seed")
+    seeds = lambda s: [{**common, **flags}.get("seed", default)  # noqa: E731
+                       for stage, flags in variant_stages(stages, s).items() if stage in HALO_STAGES]
+    same = [a for a, b in zip(seeds(spec), seeds(base)) if a == b]
+    if same or "seed" not in (spec.get("options") or {}):
+        raise ValueError(f"ablation {name!r} replicates {origin!r} on its seed ({same[0] if same else default}): give "
+                         f"options.seed another value, so that it trains on other batches")
 
 
 def variant_stages(stages: dict, spec: dict) -> dict:
@@ -350,7 +392,7 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
     ablations = recipe.get("ablations") or {}
-    check_ablations(ablations)
+    check_ablations(ablations, recipe.get("stages", {}), recipe.get("common", {}))
     workers = recipe.get("ablation_workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"ablation_workers: {workers!r}; give the number of ablations to train at once (1: one "
@@ -514,7 +556,7 @@ def run_ablation(run: _Runner, name: str, spec: dict, stages: dict, teacher: str
         final = ck("finetune")
     return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "stages": spec.get("stages", {}),
             "reused_align": reuse_align, "layer_pattern": pattern, "checkpoint": final,
-            "budget_scale": spec.get("budget_scale", 1),
+            "budget_scale": spec.get("budget_scale", 1), "replicate_of": spec.get("replicate_of"),
             "halo_tokens": variant_halo_tokens(run.tokens, name, reuse_align),
             "same_attention_layers_as_main": _attention_layers(pattern) == _attention_layers(selected)}
 
@@ -545,7 +587,7 @@ def run_ablation_and_export(run: _Runner, name: str, spec: dict, stages: dict, t
 def _failed_ablation(name: str, spec: dict, err: Exception) -> dict:
     log.error("ablation %s failed; the report goes on without it", name, exc_info=err)
     return {"kind": spec.get("kind"), "options": spec.get("options") or {}, "stages": spec.get("stages", {}),
-            "error": f"{type(err).__name__}: {err}"}
+            "replicate_of": spec.get("replicate_of"), "error": f"{type(err).__name__}: {err}"}
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from megatron_hypenet.recipe import (
     variant_stages,
 )
 from tools.build_local_corpus import build_local_corpus, candidate_files, is_heldout
-from tools.write_results import PLOTS, markdown, targets, write_results
+from tools.write_results import PLOTS, fisher_exact, markdown, targets, write_results
 
 SMOKE = os.path.join(ROOT, "examples", "reproduce_smoke.yaml")
 GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
@@ -183,7 +183,9 @@ def test_report_has_every_model_length_and_task(smoke):
     assert corpus["train_tokens"] > 0 and corpus["heldout_files"] > 0
     assert report["command"] == f"python tools/halo.py --recipe {work.parent / 'recipe.yaml'} --work-dir {work}"
     stages = [c for c in report["commands"] if c.startswith("python pretrain_hypenet.py --stage ")]
-    assert len(stages) == 5 + 2 * len(recipe["ablations"]) + 1  # + nope_everywhere's own align
+    own_aligns = [n for n, a in recipe["ablations"].items() if not a.get("reuse_align")]
+    assert own_aligns == ["nope_everywhere", "student_seed2"]
+    assert len(stages) == 5 + 2 * len(recipe["ablations"]) + len(own_aligns)
     select = next(c for c in stages if c.startswith("python pretrain_hypenet.py --stage select "))
     assert f"--select-haystack {work / 'corpus' / 'heldout.jsonl'}" in select
     tools = [c.split()[1] for c in report["commands"] if c.startswith("python tools/")]
@@ -208,7 +210,7 @@ def test_ablations_train_what_they_declare(smoke):
     assert hf("hf_even_spacing")["layer_pattern"] == even_pattern(len(main), main.count("A")) == "LLLA"
     assert [hf(f"hf_{n}")["layer_pattern"] for n in ("rope_everywhere", "nope_everywhere")] == [main, main]
     ablations = report["ablations"]
-    assert ablations["broken"] == {"kind": "selection", "options": {}, "stages": {},
+    assert ablations["broken"] == {"kind": "selection", "options": {}, "stages": {}, "replicate_of": None,
                                    "error": "ValueError: layer_pattern 'AL': give 'selected', 'even', one of "
                                             "['ratio', 'recall'] or 4 letters A/L"}
     assert ablations["even_spacing"]["same_attention_layers_as_main"] == (main == "LLLA")
@@ -216,7 +218,7 @@ def test_ablations_train_what_they_declare(smoke):
     # reuse_align: no align of their own; nope_everywhere aligned its own RNN layers (no RoPE)
     assert not (ck / "rope_everywhere" / "align").exists() and not (ck / "even_spacing" / "align").exists()
     assert (ck / "nope_everywhere" / "align" / "metrics.jsonl").exists()
-    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True, True]
+    assert [ablations[n]["reused_align"] for n in recipe["ablations"]] == [True, False, True, True, True, True, False]
     # recall_two_layers: the main sweep's saved rows ranked by recall drop alone, keeping two attention layers
     sweep = json.loads((ck / "select" / "selection.json").read_text())
     assert hf("hf_recall_two_layers")["layer_pattern"] == rescored_pattern(sweep, "recall", k=2)
@@ -232,6 +234,16 @@ def test_ablations_train_what_they_declare(smoke):
     drop = lambda c: {k: v for k, v in c.items() if k not in ("train_iters", "save", "load")}  # noqa: E731
     assert drop(distill) == drop(main_distill) and drop(finetune) == drop(main_finetune)
     assert ablations["distill_heavy"]["stages"] == {"distill": {"train_iters": 10}, "finetune": {"train_iters": 2}}
+    # student_seed2: every stage of the main student again, its own align included, on seed 2 instead of 1234
+    assert ablations["student_seed2"]["replicate_of"] == "main" and ablations["distill_heavy"]["replicate_of"] is None
+    for stage in HALO_STAGES:
+        mine, main_cfg = (yaml.safe_load((ck / d / "config.yaml").read_text())
+                          for d in (os.path.join("student_seed2", stage), stage))
+        assert (mine["seed"], main_cfg["seed"]) == (2, 1234), stage
+        assert drop({k: v for k, v in mine.items() if k != "seed"}) == drop({k: v for k, v in main_cfg.items()
+                                                                              if k != "seed"}), stage
+    assert hf("hf_student_seed2")["layer_pattern"] == main
+    assert report["loss_curves"]["student_seed2/distill"] != report["loss_curves"]["distill"]  # other batches
 
 
 def test_token_budget_arithmetic(smoke):
@@ -648,3 +660,70 @@ def test_ablation_names_of_the_main_run_are_refused():
     for name in ("student", "teacher", "align"):
         with pytest.raises(ValueError, match="belong to the main run"):
             check_ablations({name: {"kind": "selection"}})
+
+
+def test_replicates_must_train_as_their_original_on_other_seeds():
+    from megatron_hypenet.recipe import check_ablations
+
+    nope = {"kind": "position", "options": {"no_lightning_rope": True}}
+    stages = {"align": {"lr": 1e-2}, "distill": {"lr": 1e-3}, "finetune": {"lr": 3e-4}}
+    ok = {"nope": nope, "nope_s2": {"kind": "position", "replicate_of": "nope",
+                                    "options": {"no_lightning_rope": True, "seed": 2}},
+          "main_s2": {"kind": "replicate", "replicate_of": "main", "options": {"seed": 2}}}
+    check_ablations(ok, stages, {})
+    for origin in ("nowhere", "main_s2", "self"):
+        with pytest.raises(ValueError, match="give 'main' or the name of another ablation that is not itself a rep"):
+            check_ablations({**ok, "self": {"replicate_of": origin, "options": {"seed": 2}}}, stages, {})
+    for spec, differ in (({"options": {"seed": 2, "no_lightning_rope": False}}, "options"),
+                         ({"options": {"seed": 2}}, "options"),  # nope's own option dropped
+                         ({"options": {"no_lightning_rope": True, "seed": 2}, "reuse_align": True}, "reuse_align"),
+                         ({"options": {"no_lightning_rope": True, "seed": 2}, "stages": {"distill": {"lr": 2e-3}}},
+                          "stages")):
+        with pytest.raises(ValueError, match=rf"replicates 'nope' but differs from it in \['{differ}'\]"):
+            check_ablations({"nope": nope, "r": {"replicate_of": "nope", **spec}}, stages, {})
+    with pytest.raises(ValueError, match=r"replicates 'main' but differs from it in \['layer_pattern'\]"):
+        check_ablations({"r": {"replicate_of": "main", "options": {"seed": 2}, "layer_pattern": "even"}}, stages, {})
+    # the seed: given, and not the original's, whether that is the default or set in common or a stage
+    with pytest.raises(ValueError, match=r"replicates 'main' on its seed \(1234\): give options.seed another"):
+        check_ablations({"r": {"replicate_of": "main"}}, stages, {})
+    with pytest.raises(ValueError, match=r"replicates 'main' on its seed \(1234\)"):
+        check_ablations({"r": {"replicate_of": "main", "options": {"seed": 1234}}}, stages, {})
+    with pytest.raises(ValueError, match=r"replicates 'main' on its seed \(2\)"):
+        check_ablations({"r": {"replicate_of": "main", "options": {"seed": 2}}}, stages, {"seed": 2})
+    seeded = {**nope, "options": {"no_lightning_rope": True, "seed": 5}}  # an original on a seed of its own
+    with pytest.raises(ValueError, match=r"replicates 'n' on its seed \(5\)"):
+        check_ablations({"n": seeded, "r": {"replicate_of": "n", "options": {"no_lightning_rope": True, "seed": 5}}},
+                        stages, {})
+    check_ablations({"n": seeded, "r": {"replicate_of": "n", "options": {"no_lightning_rope": True, "seed": 1234}}},
+                    stages, {})
+
+
+def test_position_target_pools_replicates(smoke):
+    _, report, _ = smoke
+    r = copy.deepcopy(report)
+    r["multipliers"], r["needle_examples"] = [1, 2, 4, 8], 100
+    for row in r["models"].values():
+        for task in r["tasks"]:
+            for m in (4, 8):
+                row[f"{task}@{m}x"] = 0.5
+    models = r["models"]
+    models["nope_everywhere"].update({f"{t}@{m}x": 0.6 for t in r["tasks"] for m in (4, 8)})
+    models[STUDENT].update({f"{t}@{m}x": 0.62 for t in r["tasks"] for m in (4, 8)})
+    alone = targets(r)[2]
+    assert alone["met"] is False and "HyPE (2 runs) 0.56" in alone["value"]  # student_seed2 (0.5) pulls it under 0.6
+    models["student_seed2"].update({f"{t}@{m}x": 0.66 for t in r["tasks"] for m in (4, 8)})
+    # HyPE 0.64 over 2 runs (256 of 400 prompts) vs nope_everywhere 0.6 (120 of 200)
+    pooled = targets(r)[2]
+    assert pooled["met"] is True and "4x: HyPE (2 runs) 0.64 vs" in pooled["value"]
+    assert f"nope_everywhere 0.60 (p = {fisher_exact(256, 400, 120, 200):.2g})" in pooled["value"]
+    # a replicate of nope_everywhere pulls its side up: 0.6 and 0.7 pool to 0.65 > 0.64
+    r["ablations"]["nope_seed2"] = {**r["ablations"]["nope_everywhere"], "replicate_of": "nope_everywhere"}
+    models["nope_seed2"] = {**models["nope_everywhere"], **{f"{t}@{m}x": 0.7 for t in r["tasks"] for m in (4, 8)}}
+    both = targets(r)[2]
+    assert both["met"] is False and "nope_everywhere (2 runs) 0.65" in both["value"]
+    assert "nope_seed2" not in both["value"]  # not a third position ablation
+    page = markdown({**r, "long_loss": None})
+    assert "| nope_seed2 | replicate of nope_everywhere |" in page and "| student_seed2 | replicate of main |" in page
+    assert "Replicates (`replicate_of`" in page
+    del r["models"]["nope_seed2"]  # a replicate that failed is left out of the pool
+    assert "nope_everywhere 0.60" in targets(r)[2]["value"]

@@ -48,6 +48,20 @@ def fisher_exact(a: int, n1: int, b: int, n2: int) -> float:
 SIGNIFICANCE = 0.05  # a target comparison whose Fisher p is at or above this is "met by the rule, not significant"
 
 
+def position_ablations(report: dict) -> list:
+    """The ablations of kind `position` that HyPE is compared with (their replicates pool into them)."""
+    return [name for name, a in report.get("ablations", {}).items()
+            if a.get("kind") == "position" and not a.get("replicate_of")]
+
+
+def replicate_rows(report: dict, name: str) -> list:
+    """The model rows of `name` (the main student or an ablation) and of its evaluated replicates
+    (`replicate_of`), which the position target pools."""
+    origin = "main" if name == STUDENT else name
+    return [report["models"][name]] + [report["models"][r] for r, a in report.get("ablations", {}).items()
+                                       if a.get("replicate_of") == origin and r in report["models"]]
+
+
 def targets(report: dict) -> list:
     """Issue #7's targets, each {target, value, met, significant}: met by the rule (above, better); significant
     when every comparison behind it has Fisher p < SIGNIFICANCE on the prompt counts (None: not tested). met is
@@ -71,7 +85,7 @@ def targets(report: dict) -> list:
     else:
         out.append({"target": "needle accuracy at 4x the training length above the teacher's",
                     "value": "needle@4x not evaluated", "met": None})
-    position = [name for name, a in report.get("ablations", {}).items() if a.get("kind") == "position"]
+    position = position_ablations(report)
     lengths = [m for m in (4, 8) if m in mults]
     target = (f"HyPE better than both position-encoding ablations at 4x and 8x (mean of {', '.join(tasks)} "
               f"accuracy)")
@@ -81,17 +95,21 @@ def targets(report: dict) -> list:
     elif len(position) < 2 or len(lengths) < 2:
         out.append({"target": target, "value": "ablations or lengths not evaluated", "met": None})
     else:
+        runs = {name: replicate_rows(report, name) for name in (STUDENT, *position)}
+        label = lambda name: name if len(runs[name]) == 1 else f"{name} ({len(runs[name])} runs)"  # noqa: E731
         cells, met, significant = [], True, True
         for m in lengths:
             keys = [f"{task}@{m}x" for task in tasks]
-            main = retrieval_score(student, tasks, m)
-            others = {name: retrieval_score(models[name], tasks, m) for name in position}
-            met &= all(main > v for v in others.values())
-            ours, prompts = count(student, keys), n * len(tasks)
-            p = {name: fisher_exact(ours, prompts, count(models[name], keys), prompts) for name in position}
+            score = {name: sum(retrieval_score(r, tasks, m) for r in rows) / len(rows) for name, rows in runs.items()}
+            correct = {name: sum(count(r, keys) for r in rows) for name, rows in runs.items()}
+            prompts = {name: n * len(tasks) * len(rows) for name, rows in runs.items()}
+            met &= all(score[STUDENT] > score[name] for name in position)
+            p = {name: fisher_exact(correct[STUDENT], prompts[STUDENT], correct[name], prompts[name])
+                 for name in position}
             significant &= all(v < SIGNIFICANCE for v in p.values())
-            cells.append(f"{m}x: HyPE {main:.2f} vs " + ", ".join(f"{name} {v:.2f} (p = {p[name]:.2g})"
-                                                                   for name, v in others.items()))
+            main = "HyPE" if len(runs[STUDENT]) == 1 else f"HyPE ({len(runs[STUDENT])} runs)"
+            cells.append(f"{m}x: {main} {score[STUDENT]:.2f} vs " + ", ".join(
+                f"{label(name)} {score[name]:.2f} (p = {p[name]:.2g})" for name in position))
         out.append({"target": target, "value": "; ".join(cells), "met": met, "significant": significant})
     return out
 
@@ -111,8 +129,7 @@ def long_loss_lines(report: dict) -> list:
              "| model | " + " | ".join(cols) + " |", "| --- | " + " | ".join("---:" for _ in cols) + " |"]
     for name, row in models.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c), ".4f") for c in cols) + " |")
-    position = [name for name, a in report.get("ablations", {}).items()
-                if a.get("kind") == "position" and name in models]
+    position = [name for name in position_ablations(report) if name in models]
     lengths = [m for m in (4, 8) if m in mults]
     if len(position) >= 2 and lengths:
         student = models[STUDENT]
@@ -300,14 +317,15 @@ def markdown(report: dict, plots_link: str = "results") -> str:
             opts = ", ".join([f"{k}={v}" for k, v in a["options"].items()] +
                              [f"{stage}.{k}={v}" for stage, flags in a.get("stages", {}).items()
                               for k, v in flags.items()]) or "-"
+            kind = f"replicate of {a['replicate_of']}" if a.get("replicate_of") else a.get("kind") or "-"
             if "error" in a:
-                lines.append(f"| {name} | {a.get('kind') or '-'} | {opts} | failed: {a['error'][:200]} |")
+                lines.append(f"| {name} | {kind} | {opts} | failed: {a['error'][:200]} |")
                 continue
             row = models[name]
             same = " (attention layers = main)" if a.get("same_attention_layers_as_main") else ""
             pattern = a["layer_pattern"] + same
             own_align = "no" if a["reused_align"] else "yes"
-            lines.append(f"| {name} | {a.get('kind') or '-'} | {opts} | `{pattern}` | {own_align} | "
+            lines.append(f"| {name} | {kind} | {opts} | `{pattern}` | {own_align} | "
                          f"{row['valid_loss'] - main['valid_loss']:+.4f} | " +
                          " | ".join(f"{row[c] - main[c]:+.2f}" for c in cols) + " |")
 
@@ -373,6 +391,10 @@ def markdown(report: dict, plots_link: str = "results") -> str:
               "token (what greedy decoding would produce).",
               "- The position target compares the mean of the task accuracies at 4x and 8x with the variants of "
               "kind `position`; every other ablation is reported, not a target."]
+    if any(a.get("replicate_of") for a in report.get("ablations", {}).values()):
+        lines.append("- Replicates (`replicate_of`: the same variant trained on another seed) are pooled with what they "
+                     "replicate in the position target: their accuracies averaged, their prompt counts added for the "
+                     "p-value.")
 
     lines += ["", "## Commands", "", "The whole run:", "", "```", report["command"], "```", "",
               "<details><summary>every step it ran, as command lines (stages: the flags of pretrain_hypenet.py)"
