@@ -70,7 +70,7 @@ MAIN = "main"  # `replicate_of: main`: a replicate of the main student
 REPLICATE_SHARED = {"options": {}, "stages": {}, "reuse_align": False, "layer_pattern": "selected",
                     "num_attention_layers": None, "budget_scale": 1}
 HALO_STAGES = ("align", "distill", "finetune")  # the training stages of the HALO token budget
-RESERVED_NAMES = {"teacher", "teacher_init", "student", *STAGE_ORDER}  # the main run's folder names
+RESERVED_NAMES = {"teacher", "teacher_init", "student", MAIN, *STAGE_ORDER}  # the main run's folder names, and MAIN
 # relative L2 of the benchmark decode step's bf16 logits against the HF model's (4-5e-3 on the issue-7 runs)
 DECODE_CHECK_TOLERANCE = 5e-2
 

@@ -657,7 +657,7 @@ def test_ablation_stage_flags_are_checked():
 def test_ablation_names_of_the_main_run_are_refused():
     from megatron_hypenet.recipe import check_ablations
 
-    for name in ("student", "teacher", "align"):
+    for name in ("student", "teacher", "align", "main"):
         with pytest.raises(ValueError, match="belong to the main run"):
             check_ablations({name: {"kind": "selection"}})
 

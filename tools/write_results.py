@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from megatron_hypenet.recipe import STUDENT, TEACHER  # noqa: E402
+from megatron_hypenet.recipe import MAIN, STUDENT, TEACHER  # noqa: E402
 
 PLOTS = {"loss": "loss_curves.png", "accuracy": "accuracy_vs_length.png"}
 LOSS_TOLERANCE = 0.05  # issue #7: HypeNet held-out loss within 5% of the teacher's
@@ -57,7 +57,7 @@ def position_ablations(report: dict) -> list:
 def replicate_rows(report: dict, name: str) -> list:
     """The model rows of `name` (the main student or an ablation) and of its evaluated replicates
     (`replicate_of`), which the position target pools."""
-    origin = "main" if name == STUDENT else name
+    origin = MAIN if name == STUDENT else name
     return [report["models"][name]] + [report["models"][r] for r, a in report.get("ablations", {}).items()
                                        if a.get("replicate_of") == origin and r in report["models"]]
 
