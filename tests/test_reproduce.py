@@ -557,7 +557,8 @@ def test_published_page_is_its_report_rendered():
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "budget_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "head_dim_proxy.yaml"),
-                                  os.path.join(ROOT, "examples", "rope_theta_proxy.yaml")])
+                                  os.path.join(ROOT, "examples", "rope_theta_proxy.yaml"),
+                                  os.path.join(ROOT, "examples", "scale_proxy.yaml")])
 def test_gpu_recipe_flags_parse(path):
     """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags, and the
     teacher's shape is one tiny_qwen3_config takes."""
