@@ -1,9 +1,15 @@
-"""Pieces the chunked Triton kernels in ``kernels/`` share (Lightning's and Gated DeltaNet's): the tensor-core product
-and its precision, and the tile width."""
+"""Pieces the Triton kernels in ``kernels/`` share: the output buffers (every kernel), and for the chunked ones
+(Lightning's and Gated DeltaNet's) the tensor-core product, its precision and the tile width."""
 
 import torch
 import triton
 import triton.language as tl
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """Every kernel's output buffers come from here, looked up as ``triton_utils.empty`` at each call, so that
+    tests can poison them all (fill with NaN) in one place."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit

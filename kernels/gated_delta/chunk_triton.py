@@ -30,12 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_utils
 from ..triton_utils import dot, dot_precision, pow2
-
-
-def _empty(shape, dtype, device):
-    """Every output buffer comes from here, so tests can poison them (fill with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -146,9 +142,9 @@ class _ChunkLoopFunction(torch.autograd.Function):
         B, H, N, C, DV = Ut.shape
         DK = W.shape[-1]
         Ut, W, q_in, scores, k_out, last, S0 = (x.contiguous() for x in (Ut, W, q_in, scores, k_out, last, S0))
-        o = _empty(Ut.shape, torch.float32, Ut.device)
-        states = _empty((B, H, N, DK, DV), torch.float32, Ut.device)
-        S_end = _empty((B, H, DK, DV), torch.float32, Ut.device)
+        o = triton_utils.empty(Ut.shape, torch.float32, Ut.device)
+        states = triton_utils.empty((B, H, N, DK, DV), torch.float32, Ut.device)
+        S_end = triton_utils.empty((B, H, DK, DV), torch.float32, Ut.device)
         bk, bv, nv, fwd_warps, _, prec = _config(Ut, DK, DV, precise)
         _fwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, S0, o, states, S_end, N, DK, DV, C, bk, bv,
                                  PREC=prec, num_warps=fwd_warps, num_stages=STAGES)
@@ -164,11 +160,11 @@ class _ChunkLoopFunction(torch.autograd.Function):
         bk, bv, nv, _, bwd_warps, prec = _config(Ut, DK, DV, ctx.precise)
         dev, f32 = Ut.device, torch.float32
         do, dS_end = do.contiguous(), dS_end.contiguous()
-        dUt = _empty(Ut.shape, f32, dev)
-        dS0 = _empty((B, H, DK, DV), f32, dev)
-        dW, dq_in, dk_out = (_empty((nv,) + W.shape, f32, dev) for _ in range(3))
-        dscores = _empty((nv,) + scores.shape, f32, dev)
-        dlast = _empty((nv,) + last.shape, f32, dev)
+        dUt = triton_utils.empty(Ut.shape, f32, dev)
+        dS0 = triton_utils.empty((B, H, DK, DV), f32, dev)
+        dW, dq_in, dk_out = (triton_utils.empty((nv,) + W.shape, f32, dev) for _ in range(3))
+        dscores = triton_utils.empty((nv,) + scores.shape, f32, dev)
+        dlast = triton_utils.empty((nv,) + last.shape, f32, dev)
         _bwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, states, do, dS_end,
                                  dUt, dW, dq_in, dscores, dk_out, dlast, dS0, N, B * H * N, DK, DV, C, bk, bv,
                                  PREC=prec, num_warps=bwd_warps, num_stages=STAGES)

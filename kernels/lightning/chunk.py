@@ -39,14 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_utils
 from ..triton_utils import dot, dot_precision, pow2
 
 LOG2E = 1.4426950408889634
-
-
-def _empty(shape, dtype, device):
-    """Every output buffer comes from here, so tests can poison them (fill with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -452,8 +448,8 @@ def _scan(k, v, slopes, h0, upd_scale, plan, cfg, reverse, want_final):
     own contributions in parallel, then a scan over blocks."""
     _, H, DK = k.shape
     DV = v.shape[-1]
-    ckpt = _empty((max(plan.n_blocks, 1), H, DK, DV), torch.float32, k.device)
-    ht = _empty((plan.N, H, DK, DV), torch.float32, k.device) if want_final else None
+    ckpt = triton_utils.empty((max(plan.n_blocks, 1), H, DK, DV), torch.float32, k.device)
+    ht = triton_utils.empty((plan.N, H, DK, DV), torch.float32, k.device) if want_final else None
     _block_states(k, v, ckpt, slopes, upd_scale, plan, cfg, reverse)
     _chain(ckpt, h0, ht, slopes, plan, cfg, reverse)
     return ckpt, ht
@@ -491,7 +487,7 @@ def _forward(q, k, v, slopes, scale, h0, want_final, plan, cfg):
     _, H, DK = q.shape
     DV = v.shape[-1]
     ckpt, ht = _scan(k, v, slopes, h0, 1.0, plan, cfg, reverse=False, want_final=want_final)
-    o = _empty(v.shape, v.dtype, v.device)
+    o = triton_utils.empty(v.shape, v.dtype, v.device)
     if plan.n_blocks:
         bv = min(pow2(DV), cfg["value_tile"])
         _fwd_kernel[(triton.cdiv(DV, bv), plan.n_blocks, H)](
@@ -506,9 +502,9 @@ def _backward(q, k, v, do, dht, slopes, scale, s_ckpt, plan, cfg, want_dh0):
     _, H, DK = q.shape
     DV = v.shape[-1]
     g_ckpt, dh0 = _scan(q, do, slopes, dht, scale, plan, cfg, reverse=True, want_final=want_dh0)
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
+    dq = triton_utils.empty(q.shape, q.dtype, q.device)
+    dk = triton_utils.empty(k.shape, k.dtype, k.device)
+    dv = triton_utils.empty(v.shape, v.dtype, v.device)
     if plan.n_blocks:
         bvk = min(pow2(DK), cfg["value_tile"])
         bvv = min(pow2(DV), cfg["value_tile"])

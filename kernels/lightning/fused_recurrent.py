@@ -10,10 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _empty(shape, dtype, device):
-    """Every output buffer comes from here, so tests can poison them (fill with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+from .. import triton_utils
 
 
 @triton.jit
@@ -51,9 +48,9 @@ def fused_recurrent_lightning_step(q, k, v, slopes, state, scale=None, out_state
     scale = DK**-0.5 if scale is None else float(scale)
     q, k, v, state = (x.contiguous() for x in (q, k, v, state))
     slopes = slopes.to(device=q.device, dtype=torch.float32).contiguous()
-    o = _empty((B, H, DV), v.dtype, v.device)
+    o = triton_utils.empty((B, H, DV), v.dtype, v.device)
     if out_state is None:
-        new_state = _empty(state.shape, state.dtype, state.device)
+        new_state = triton_utils.empty(state.shape, state.dtype, state.device)
     elif out_state.shape != state.shape or not out_state.is_contiguous():
         raise ValueError(f"out_state must be a contiguous {tuple(state.shape)} tensor")
     else:
