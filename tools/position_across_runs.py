@@ -1,0 +1,140 @@
+"""Issue #7's position target over many recipe runs: HyPE against each position-encoding ablation at 4x and 8x,
+run by run and stratified by run.
+
+    python tools/position_across_runs.py docs/results/run*/report.json --out docs/position_across_runs.md
+
+One run holds 100-200 prompts per model and length, and HyPE against NoPE everywhere has come out ahead in some
+runs and behind in others. Each run's recipe differs, so the runs are not pooled as one sample: the
+Cochran-Mantel-Haenszel test compares HyPE with the ablation within each run and adds up the evidence, and the
+Mantel-Haenszel odds ratio is their common effect (above 1: HyPE retrieves more). Held-out loss by position, where a
+run measured it, is compared by a sign test over runs. A run's replicates pool into their original, as on its page.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from tools.write_results import STUDENT, position_ablations, replicate_rows, sign_test  # noqa: E402
+
+LENGTHS = (4, 8)
+
+
+def retrieval_table(report: dict, ablation: str, multiplier: int) -> tuple:
+    """(HyPE correct, HyPE prompts, ablation correct, ablation prompts) at one length, the tasks pooled."""
+    n, tasks = report["needle_examples"], report["tasks"]
+    keys = [f"{task}@{multiplier}x" for task in tasks]
+
+    def counts(name):
+        rows = replicate_rows(report, name)
+        return sum(round(sum(row[k] for k in keys) * n) for row in rows), n * len(tasks) * len(rows)
+
+    return (*counts(STUDENT), *counts(ablation))
+
+
+def mantel_haenszel(tables: list) -> tuple:
+    """(common odds ratio, two-sided p) of 2x2 tables (a of n1 against b of n2 correct), one per run: the
+    Cochran-Mantel-Haenszel test with continuity correction, chi-square with one degree of freedom."""
+    observed = expected = variance = num = den = 0.0
+    for a, n1, b, n2 in tables:
+        total, correct = n1 + n2, a + b
+        observed += a
+        expected += n1 * correct / total
+        variance += n1 * n2 * correct * (total - correct) / (total**2 * (total - 1))
+        num += a * (n2 - b) / total
+        den += (n1 - a) * b / total
+    if variance == 0:
+        return float("nan"), 1.0
+    chi2 = max(0.0, abs(observed - expected) - 0.5) ** 2 / variance
+    return (num / den if den else math.inf), math.erfc(math.sqrt(chi2 / 2))
+
+
+def run_label(path: str) -> str:
+    """docs/results/run14/report.json -> run14."""
+    return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def load_runs(paths: list) -> list:
+    """[(label, report)] ordered by date; a report without both position ablations evaluated at 4x and 8x is refused,
+    so that a run is never silently left out of the pool."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        position = position_ablations(report)
+        missing = [m for m in LENGTHS if m not in report["multipliers"]]
+        absent = [name for name in position if name not in report["models"]]
+        if len(position) < 2 or missing or absent:
+            raise ValueError(f"{path}: the position target needs both position ablations evaluated at "
+                             f"{', '.join(f'{m}x' for m in LENGTHS)} (ablations {position}, failed {absent}, "
+                             f"lengths missing {missing}); leave this report out of the list")
+        runs.append((run_label(path), report))
+    return sorted(runs, key=lambda run: run[1]["date"])
+
+
+def markdown(runs: list, command: str) -> str:
+    ablations = sorted({name for _, report in runs for name in position_ablations(report)})
+    lines = ["# Position target across runs", "",
+             f"- command: `{command}`",
+             f"- runs: {len(runs)} ({', '.join(label for label, _ in runs)}), each one recipe run of "
+             "`examples/reproduce.yaml` as it stood then, with its own page (`docs/results_<run>.md`; the latest is "
+             "`docs/results.md`)",
+             "- retrieval: correct prompts of the needle and pass-key tasks together; a run's replicates pool into "
+             "their original", ""]
+    for ablation in ablations:
+        lines += [f"## HyPE against {ablation}", "",
+                  "| run | device | " + " | ".join(f"HyPE {m}x | {ablation} {m}x" for m in LENGTHS) + " | "
+                  + " | ".join(f"loss@{m}x HyPE / {ablation}" for m in LENGTHS) + " |",
+                  "| --- | --- | " + " | ".join("---: | ---:" for _ in LENGTHS) + " | "
+                  + " | ".join("---:" for _ in LENGTHS) + " |"]
+        tables = {m: [] for m in LENGTHS}
+        loss_wins = {m: [] for m in LENGTHS}
+        for label, report in runs:
+            cells = []
+            for m in LENGTHS:
+                a, n1, b, n2 = retrieval_table(report, ablation, m)
+                tables[m].append((a, n1, b, n2))
+                cells += [f"{a} of {n1}", f"{b} of {n2}"]
+            for m in LENGTHS:
+                hype, other = (report["models"][name].get(f"loss@{m}x") for name in (STUDENT, ablation))
+                if hype is None or other is None:
+                    cells.append("-")
+                    continue
+                loss_wins[m].append(hype < other)
+                cells.append(f"{hype:.4f} / {other:.4f}")
+            lines.append(f"| {label} | {report['device']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for m in LENGTHS:
+            ratio, p = mantel_haenszel(tables[m])
+            ahead = sum(a > b * n1 / n2 for a, n1, b, n2 in tables[m])
+            hype, other = (sum(t[i] for t in tables[m]) for i in (0, 2))
+            prompts = sum(t[1] for t in tables[m]), sum(t[3] for t in tables[m])
+            wins, measured = sum(loss_wins[m]), len(loss_wins[m])
+            loss = (f"; held-out loss@{m}x lower for HyPE in {wins} of the {measured} runs that measured it "
+                    f"(sign test p = {sign_test(wins, measured):.2g})" if measured else "")
+            lines.append(f"- {m}x: HyPE {hype} of {prompts[0]} against {other} of {prompts[1]}, ahead in {ahead} of "
+                         f"{len(tables[m])} runs; Mantel-Haenszel odds ratio {ratio:.2f}, stratified by run "
+                         f"p = {p:.2g}{loss}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", nargs="+", help="report.json files of recipe runs (<work>/results/report.json)")
+    p.add_argument("--out", required=True, help="the markdown page")
+    args = p.parse_args(argv)
+    command = "python tools/position_across_runs.py " + " ".join(args.reports) + f" --out {args.out}"
+    page = markdown(load_runs(args.reports), command)
+    with open(args.out, "w") as f:
+        f.write(page)
+    print(f"wrote {args.out}")
+    return page
+
+
+if __name__ == "__main__":
+    main()
