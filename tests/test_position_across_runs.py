@@ -38,7 +38,7 @@ def test_mantel_haenszel_adds_evidence_within_runs_not_across():
 
 def _report(tmp_path, name="run1", **models):
     rows = {"teacher (Qwen3)": {}, "student (HypeNet)": models.pop("student"), **models}
-    report = {"date": "2026-12-01", "device": "cpu", "needle_examples": 10, "tasks": ["needle", "passkey"],
+    report = {"command": "halo", "date": "2026-12-01", "device": "cpu", "needle_examples": 10, "tasks": ["needle", "passkey"],
               "multipliers": [1, 2, 4, 8], "models": rows,
               "ablations": {"rope_everywhere": {"kind": "position"}, "nope_everywhere": {"kind": "position"},
                             "nope_everywhere_seed2": {"kind": "position", "replicate_of": "nope_everywhere"}}}
@@ -67,6 +67,12 @@ def test_runs_pool_replicates_and_a_report_missing_an_ablation_is_refused(tmp_pa
     bad = _report(tmp_path, "run2", student=_row(0.5), rope_everywhere=_row(0.1))  # nope_everywhere failed
     with pytest.raises(ValueError, match="leave this report out"):
         load_runs([path, bad])
+    renamed = _report(tmp_path, "run3", student=_row(0.5), rope_everywhere=_row(0.1), no_position=_row(0.1))
+    report = json.load(open(renamed))
+    report["ablations"] = {"rope_everywhere": {"kind": "position"}, "no_position": {"kind": "position"}}
+    open(renamed, "w").write(json.dumps(report))
+    with pytest.raises(ValueError, match="name their position ablations differently"):
+        load_runs([path, renamed])
 
 
 def test_published_page_is_its_reports_rendered():

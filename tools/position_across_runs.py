@@ -73,6 +73,10 @@ def load_runs(paths: list) -> list:
                              f"{', '.join(f'{m}x' for m in LENGTHS)} (ablations {position}, failed {absent}, "
                              f"lengths missing {missing}); leave this report out of the list")
         runs.append((run_label(path), report))
+    names = {label: sorted(position_ablations(report)) for label, report in runs}
+    if len({tuple(v) for v in names.values()}) > 1:
+        raise ValueError(f"the runs name their position ablations differently ({names}): a comparison within each "
+                         "run needs the same ablations in every run")
     return sorted(runs, key=lambda run: run[1]["date"])
 
 
@@ -80,9 +84,8 @@ def markdown(runs: list, command: str) -> str:
     ablations = sorted({name for _, report in runs for name in position_ablations(report)})
     lines = ["# Position target across runs", "",
              f"- command: `{command}`",
-             f"- runs: {len(runs)} ({', '.join(label for label, _ in runs)}), each one recipe run of "
-             "`examples/reproduce.yaml` as it stood then, with its own page (`docs/results_<run>.md`; the latest is "
-             "`docs/results.md`)",
+             f"- runs: {len(runs)} ({', '.join(label for label, _ in runs)}), each one run of "
+             + ", ".join(sorted({f"`{report['command']}`" for _, report in runs})) + " as the recipe stood then",
              "- retrieval: correct prompts of the needle and pass-key tasks together; a run's replicates pool into "
              "their original", ""]
     for ablation in ablations:
