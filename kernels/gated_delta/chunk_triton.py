@@ -110,6 +110,10 @@ def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_
 # H100/H200: at most 227 KB of shared memory per program (opt-in)
 MAX_SHARED = 227 * 1024
 MAX_HEAD_DIM = 128
+# 16-bit inputs take the kernel up to this key head dim. At 128 (single tf32 products, value tile 16, 8 backward
+# warps) it gave a wrong k gradient and an illegal memory access on an H100 with triton 3.6 (2026-12-05,
+# docs/kernel_notes.md); 16-bit inputs at 64 and fp32 ones at 128 matched float64 there
+MAX_16BIT_HEAD_DIM = 64
 STAGES = 1  # software-pipelining stages of both kernels (see launch_config)
 
 
