@@ -112,6 +112,7 @@ GDN_CASES = {
     "fp32-d128-T4133-h0": (1, 4096 + 37, 4, 128, 128, torch.float32, True),
     # 16-bit above head dim 64: the dispatcher keeps the PyTorch loop (chunk_triton.MAX_16BIT_HEAD_DIM)
     "bf16-dk128-dv64-h0": (2, 3000, 3, 128, 64, torch.bfloat16, True),
+    "bf16-d128": (1, 2048, 4, 128, 128, torch.bfloat16, False),
 }
 
 
