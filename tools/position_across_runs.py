@@ -19,21 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from tools.write_results import STUDENT, position_ablations, replicate_rows, sign_test  # noqa: E402
+from tools.write_results import STUDENT, pooled_counts, position_ablations, sign_test  # noqa: E402
 
 LENGTHS = (4, 8)
 
 
 def retrieval_table(report: dict, ablation: str, multiplier: int) -> tuple:
     """(HyPE correct, HyPE prompts, ablation correct, ablation prompts) at one length, the tasks pooled."""
-    n, tasks = report["needle_examples"], report["tasks"]
-    keys = [f"{task}@{multiplier}x" for task in tasks]
-
-    def counts(name):
-        rows = replicate_rows(report, name)
-        return sum(round(sum(row[k] for k in keys) * n) for row in rows), n * len(tasks) * len(rows)
-
-    return (*counts(STUDENT), *counts(ablation))
+    return (*pooled_counts(report, STUDENT, multiplier), *pooled_counts(report, ablation, multiplier))
 
 
 def mantel_haenszel(tables: list) -> tuple:
@@ -61,7 +54,7 @@ def run_label(path: str) -> str:
 def load_runs(paths: list) -> list:
     """[(label, report)] ordered by date; a report without both position ablations evaluated at 4x and 8x is refused,
     so that a run is never silently left out of the pool."""
-    runs = []
+    runs, names = [], {}
     for path in paths:
         with open(path) as f:
             report = json.load(f)
@@ -73,7 +66,7 @@ def load_runs(paths: list) -> list:
                              f"{', '.join(f'{m}x' for m in LENGTHS)} (ablations {position}, failed {absent}, "
                              f"lengths missing {missing}); leave this report out of the list")
         runs.append((run_label(path), report))
-    names = {label: sorted(position_ablations(report)) for label, report in runs}
+        names[run_label(path)] = sorted(position)
     if len({tuple(v) for v in names.values()}) > 1:
         raise ValueError(f"the runs name their position ablations differently ({names}): a comparison within each "
                          "run needs the same ablations in every run")

@@ -62,6 +62,15 @@ def replicate_rows(report: dict, name: str) -> list:
                                        if a.get("replicate_of") == origin and r in report["models"]]
 
 
+def pooled_counts(report: dict, name: str, multiplier: int) -> tuple:
+    """(correct prompts, prompts) of `name` and its replicates at one length, the tasks pooled: the counts behind
+    the position target's Fisher test."""
+    n, tasks = report["needle_examples"], report["tasks"]
+    keys = [f"{task}@{multiplier}x" for task in tasks]
+    rows = replicate_rows(report, name)
+    return sum(round(sum(row[k] for k in keys) * n) for row in rows), n * len(tasks) * len(rows)
+
+
 def targets(report: dict) -> list:
     """Issue #7's targets, each {target, value, met, significant}: met by the rule (above, better); significant
     when every comparison behind it has Fisher p < SIGNIFICANCE on the prompt counts (None: not tested). met is
@@ -99,13 +108,10 @@ def targets(report: dict) -> list:
         label = lambda name: name if len(runs[name]) == 1 else f"{name} ({len(runs[name])} runs)"  # noqa: E731
         cells, met, significant = [], True, True
         for m in lengths:
-            keys = [f"{task}@{m}x" for task in tasks]
             score = {name: sum(retrieval_score(r, tasks, m) for r in rows) / len(rows) for name, rows in runs.items()}
-            correct = {name: sum(count(r, keys) for r in rows) for name, rows in runs.items()}
-            prompts = {name: n * len(tasks) * len(rows) for name, rows in runs.items()}
+            counts = {name: pooled_counts(report, name, m) for name in runs}
             met &= all(score[STUDENT] > score[name] for name in position)
-            p = {name: fisher_exact(correct[STUDENT], prompts[STUDENT], correct[name], prompts[name])
-                 for name in position}
+            p = {name: fisher_exact(*counts[STUDENT], *counts[name]) for name in position}
             significant &= all(v < SIGNIFICANCE for v in p.values())
             main = "HyPE" if len(runs[STUDENT]) == 1 else f"HyPE ({len(runs[STUDENT])} runs)"
             cells.append(f"{m}x: {main} {score[STUDENT]:.2f} vs " + ", ".join(
