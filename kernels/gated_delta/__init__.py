@@ -23,18 +23,17 @@ LOOP_ENV = "HYPENET_GATED_DELTA_LOOP"
 
 def _triton_chunk_loop(q):
     """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop). fp64 inputs keep the PyTorch
-    loop (the kernel computes in fp32), as do key heads wider than the kernel was built for or, with 16-bit inputs,
-    wider than it was found correct for on a GPU (``chunk_triton.MAX_16BIT_HEAD_DIM``)."""
+    loop (the kernel computes in fp32), as do key heads wider than the kernel was built for."""
     choice = os.environ.get(LOOP_ENV, "triton")
     if choice not in ("triton", "pytorch"):
         raise ValueError(f"{LOOP_ENV} must be 'triton' or 'pytorch'; got {choice!r}")
     if choice == "pytorch" or not q.is_cuda or q.dtype == torch.float64:
         return None
     try:
-        from .chunk_triton import MAX_16BIT_HEAD_DIM, MAX_HEAD_DIM, chunk_state_loop_for
+        from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_for
     except ImportError:  # no Triton
         return None
-    if q.shape[-1] > (MAX_HEAD_DIM if q.dtype == torch.float32 else MAX_16BIT_HEAD_DIM):
+    if q.shape[-1] > MAX_HEAD_DIM:
         return None
     return chunk_state_loop_for(q.dtype)
 

@@ -110,10 +110,6 @@ def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_
 # H100/H200: at most 227 KB of shared memory per program (opt-in)
 MAX_SHARED = 227 * 1024
 MAX_HEAD_DIM = 128
-# 16-bit inputs take the kernel up to this key head dim. At 128 (single tf32 products, value tile 16, 8 backward
-# warps) it gave a wrong k gradient and an illegal memory access on an H100 with triton 3.6 (2026-12-05,
-# docs/kernel_notes.md); 16-bit inputs at 64 and fp32 ones at 128 matched float64 there
-MAX_16BIT_HEAD_DIM = 64
 STAGES = 1  # software-pipelining stages of both kernels (see launch_config)
 
 
@@ -127,12 +123,11 @@ def launch_config(DK, DV, precise):
     state and its gradient stay in registers (tf32x3 spills at any width; it is correct, only slower).
     ``tests/test_kernels.py`` compiles every head dim this picks for and checks the shared memory."""
     bk = pow2(DK)
-    if precise:
-        bv, fwd_warps, bwd_warps = 16, 4, 4
-    else:
-        bv, fwd_warps, bwd_warps = (32, 4, 4) if bk <= 64 else (16, 4, 8)
+    # 4 warps in both passes: with 8 backward warps (16-bit inputs, head dim 128) triton 3.6 built a backward that
+    # gave a wrong k gradient and an illegal memory access on an H100 (docs/kernel_notes.md)
+    bv = 32 if bk <= 64 and not precise else 16
     bv = min(bv, pow2(DV))
-    return bk, bv, triton.cdiv(DV, bv), fwd_warps, bwd_warps, "tf32x3" if precise else "tf32"
+    return bk, bv, triton.cdiv(DV, bv), 4, 4, "tf32x3" if precise else "tf32"
 
 
 def _config(x, DK, DV, precise):
