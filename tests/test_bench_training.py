@@ -2,6 +2,7 @@
 (No timing claims: throughput is measured on GPUs, docs/benchmarks.md.)"""
 
 import json
+import os
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,3 +83,21 @@ def test_full_recompute_keeps_less_and_gives_the_same_loss_and_grads():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     finally:
         parallel.destroy()
+
+
+def test_gated_deltanet_student_is_timed_with_both_chunk_loops(monkeypatch):
+    """--rnn-mixer gated_deltanet: the student's RNN layers are Gated DeltaNet, and it is timed a second time with
+    HYPENET_GATED_DELTA_LOOP=pytorch, which is put back afterwards."""
+    import kernels.gated_delta as gd
+    from kernels.gated_delta import LOOP_ENV
+
+    monkeypatch.delenv(LOOP_ENV, raising=False)
+    seen = []
+    real = gd._triton_chunk_loop
+    monkeypatch.setattr(gd, "_triton_chunk_loop", lambda q: seen.append(os.environ.get(LOOP_ENV)) or real(q))
+    rows = main(["--tiny", "--steps", "1", "--warmup", "0", "--rnn-mixer", "gated_deltanet"])
+    assert [r["model"] for r in rows] == ["hypenet", "hypenet, PyTorch loop", "all-attention"]
+    assert rows[0]["layer_pattern"] == rows[1]["layer_pattern"] and set(rows[0]["layer_pattern"]) == {"A", "D"}
+    assert set(seen) == {None, "pytorch"}
+    assert LOOP_ENV not in os.environ
+    assert all(0 < x < 20 for r in rows for x in r["loss"])

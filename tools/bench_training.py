@@ -4,6 +4,9 @@
     python -m tools.bench_training --tiny          # CPU, a few seconds: checks the path, claims nothing
     python -m tools.bench_training --model reproduce-teacher --seq-lengths 1024 --micro-batch-size 32 --compile
         # issue #7's teacher and student, eager against torch.compile'd layers (`--compile` of the trainer)
+    python -m tools.bench_training --model reproduce-teacher --seq-lengths 1024 --micro-batch-size 2 \
+        --rnn-mixer gated_deltanet   # the student with Gated DeltaNet layers, its chunk loop in Triton and
+                                     # in PyTorch (HYPENET_GATED_DELTA_LOOP=pytorch), beside all-attention
 
 One process builds each model through the trainer's own code (`config.make_config`,
 `model.build_model`) and times training steps exactly as `finetune` trains: random tokens, the
@@ -20,23 +23,26 @@ Model FLOPs per step (training = 3 x forward; what MFU divides by the peak):
     Lightning 3 * tokens * H * (2 * C * D + 4 * D^2) per Lightning layer, chunk C = 64: per token and
               head the forward does the causal intra-chunk q k^T and (q k^T) v (2 * C/2 * D each), the
               inter-chunk q S and the k^T v state update (2 * D^2 each)
-Not counted: norms, RoPE, softmax, elementwise work, the LM head recomputed by the chunked loss
+Not counted: Gated DeltaNet's mixer (its MFU is a lower bound), norms, RoPE, softmax, elementwise work, the LM head recomputed by the chunked loss
 and layers recomputed under activation recompute (model FLOPs, not hardware FLOPs).
 MFU = model FLOPs / step time / peak; the peak defaults to 989 TFLOP/s, the H100 SXM dense bf16
 rate of NVIDIA's datasheet (no sparsity).
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
+import os
 import statistics
 import time
 
 import torch
 
 from megatron_hypenet import parallel
-from megatron_hypenet.config import ATTENTION, LIGHTNING, make_config, teacher_fields
+from kernels.gated_delta import LOOP_ENV
+from megatron_hypenet.config import ATTENTION, LIGHTNING, RNN_MIXERS, make_config, teacher_fields
 from megatron_hypenet.halo.stages import forward_hidden
 from megatron_hypenet.losses import chunked_cross_entropy
 from megatron_hypenet.model import build_model, compile_layers
@@ -172,7 +178,7 @@ def markdown(rows) -> str:
             out.append(f"| {r['model']} | {compiled} | {r['seq_length']} | | failed: {r['error']} | | | | | | |")
             continue
         base = tps.get(("all-attention", compiled, r["seq_length"]))
-        ratio = f"{r['tokens_per_s'] / base:.2f}x" if r["model"] == "hypenet" and base else ""
+        ratio = f"{r['tokens_per_s'] / base:.2f}x" if r["model"].startswith("hypenet") and base else ""
         eager = tps.get((r["model"], False, r["seq_length"]))
         speedup = f"{r['tokens_per_s'] / eager:.2f}x" if compiled and eager else ""
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else ""
@@ -180,6 +186,21 @@ def markdown(rows) -> str:
                    f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['model_tflop_per_step']:.1f} | "
                    f"{100 * r['mfu']:.1f}% | {mem} | {ratio} | {speedup} |")
     return "\n".join(out)
+
+
+@contextlib.contextmanager
+def gated_delta_loop(loop):
+    """HYPENET_GATED_DELTA_LOOP set to `loop` for one model's steps (None: left as it is), then put back."""
+    saved = os.environ.get(LOOP_ENV)
+    if loop is not None:
+        os.environ[LOOP_ENV] = loop
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(LOOP_ENV, None)
+        else:
+            os.environ[LOOP_ENV] = saved
 
 
 def main(argv=None):
@@ -195,6 +216,8 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_PEAK_TFLOPS)
     p.add_argument("--compile", action="store_true",
                    help="time each model twice: eager, then with torch.compile'd layers (the trainer's --compile)")
+    p.add_argument("--rnn-mixer", default="lightning", choices=sorted(RNN_MIXERS),
+                   help="the student's RNN layers; gated_deltanet times its chunk loop in Triton and in PyTorch")
     p.add_argument("--tiny", action="store_true", help="a tiny shape on CPU (checks the path; no timing claims)")
     p.add_argument("--out", help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -204,14 +227,20 @@ def main(argv=None):
         args.seq_lengths = [64]
     parallel.initialize(1, 1, 1, seed=0)
     device = parallel.device()
-    pattern = default_pattern(shape["num_layers"])  # 1/8 attention, the paper's ratio
+    # 1/8 attention, the paper's ratio
+    pattern = default_pattern(shape["num_layers"]).replace(LIGHTNING, RNN_MIXERS[args.rnn_mixer])
+    # (name, teacher, HYPENET_GATED_DELTA_LOOP): Gated DeltaNet's loop over chunks both ways, in one process
+    models = [("hypenet", False, None), ("all-attention", True, None)]
+    if args.rnn_mixer == "gated_deltanet":
+        models.insert(1, ("hypenet, PyTorch loop", False, "pytorch"))
     rows = []
     try:
-        for name, teacher in (("hypenet", False), ("all-attention", True)):
+        for name, teacher, loop in models:
             for seq in args.seq_lengths:
                 for compiled in (False, True) if args.compile else (False,):
                     try:
-                        rows.append(run_one(name, shape, pattern, teacher, seq, args, device, compiled))
+                        with gated_delta_loop(loop):
+                            rows.append(run_one(name, shape, pattern, teacher, seq, args, device, compiled))
                     except Exception as e:  # keep the other rows: one call of device time measures them all
                         rows.append({"model": name, "compiled": compiled, "seq_length": seq,
                                      "error": f"{type(e).__name__}: {e}"[:200]})
