@@ -86,7 +86,8 @@ def compile_report(head_dims=(32, 64, 128)):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=["2x1024x10x64", "1x8192x16x64", "1x8192x16x128", "1x32768x16x128"],
+    p.add_argument("--shapes", nargs="+",
+                   default=["2x1024x10x64", "1x8192x16x64", "1x8192x16x128", "1x32768x16x128"],
                    help="BxTxHxD of q, k, v")
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--out", help="append the markdown table here")

@@ -23,8 +23,9 @@ Model FLOPs per step (training = 3 x forward; what MFU divides by the peak):
     Lightning 3 * tokens * H * (2 * C * D + 4 * D^2) per Lightning layer, chunk C = 64: per token and
               head the forward does the causal intra-chunk q k^T and (q k^T) v (2 * C/2 * D each), the
               inter-chunk q S and the k^T v state update (2 * D^2 each)
-Not counted: Gated DeltaNet's mixer (its MFU is a lower bound), norms, RoPE, softmax, elementwise work, the LM head recomputed by the chunked loss
-and layers recomputed under activation recompute (model FLOPs, not hardware FLOPs).
+Not counted: Gated DeltaNet's mixer (a Gated DeltaNet student's MFU is a lower bound), norms, RoPE,
+softmax, elementwise work, the LM head recomputed by the chunked loss and layers recomputed under
+activation recompute (model FLOPs, not hardware FLOPs).
 MFU = model FLOPs / step time / peak; the peak defaults to 989 TFLOP/s, the H100 SXM dense bf16
 rate of NVIDIA's datasheet (no sparsity).
 """
