@@ -72,14 +72,14 @@ def compile_report(head_dims=(32, 64, 128)):
     rows = []
     for dim in head_dims:
         for precise in (False, True):
-            bk, bv, _, fwd_warps, bwd_warps, prec = ct.launch_config(dim, dim, precise)
+            bk, bv, _, prec = ct.launch_config(dim, dim, precise)
             consts = dict(DK=dim, DV=dim, C=64, BK=bk, BV=bv, PREC=prec)
-            for fn, warps in ((ct._fwd_kernel, fwd_warps), (ct._bwd_kernel, bwd_warps)):
+            for fn in (ct._fwd_kernel, ct._bwd_kernel):
                 sig = {a: "*fp32" if a.endswith("_ptr") else "i32" for a in fn.arg_names if a not in consts}
-                shared, regs = compile_sm90(fn, sig, consts, warps, ct.STAGES)
-                rows.append(dict(head_dim=dim, precise=precise, kernel=fn.__name__, warps=warps, shared=shared,
+                shared, regs = compile_sm90(fn, sig, consts, ct.WARPS, ct.STAGES)
+                rows.append(dict(head_dim=dim, precise=precise, kernel=fn.__name__, warps=ct.WARPS, shared=shared,
                                  regs=regs))
-                print(f"D={dim} {prec} {fn.__name__}: value tile {bv}, {warps} warps, {ct.STAGES} stage, "
+                print(f"D={dim} {prec} {fn.__name__}: value tile {bv}, {ct.WARPS} warps, {ct.STAGES} stage, "
                       f"shared {shared} B; {regs}", flush=True)
     return rows
 

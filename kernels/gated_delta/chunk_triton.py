@@ -111,10 +111,13 @@ def _bwd_kernel(ut_ptr, w_ptr, qi_ptr, sc_ptr, ko_ptr, last_ptr, states_ptr, do_
 MAX_SHARED = 227 * 1024
 MAX_HEAD_DIM = 128
 STAGES = 1  # software-pipelining stages of both kernels (see launch_config)
+# warps of both kernels: with 8 in the backward (16-bit inputs, head dim 128) triton 3.6 built a backward that gave a
+# wrong k gradient and an illegal memory access on an H100 (docs/kernel_notes.md)
+WARPS = 4
 
 
 def launch_config(DK, DV, precise):
-    """(key tile, value tile, value tiles, forward warps, backward warps, PREC) on CUDA.
+    """(key tile, value tile, value tiles, PREC) on CUDA.
 
     ``precise`` (fp32 inputs) takes three tf32 products per dot (~fp32 accuracy, like the PyTorch loop's fp32
     matmuls); 16-bit inputs take one, as their own rounding is coarser. Tiles and warps were chosen by
@@ -123,16 +126,13 @@ def launch_config(DK, DV, precise):
     state and its gradient stay in registers (tf32x3 spills at any width; it is correct, only slower).
     ``tests/test_kernels.py`` compiles every head dim this picks for and checks the shared memory."""
     bk = pow2(DK)
-    # 4 warps in both passes: with 8 backward warps (16-bit inputs, head dim 128) triton 3.6 built a backward that
-    # gave a wrong k gradient and an illegal memory access on an H100 (docs/kernel_notes.md)
-    bv = 32 if bk <= 64 and not precise else 16
-    bv = min(bv, pow2(DV))
-    return bk, bv, triton.cdiv(DV, bv), 4, 4, "tf32x3" if precise else "tf32"
+    bv = min(32 if bk <= 64 and not precise else 16, pow2(DV))
+    return bk, bv, triton.cdiv(DV, bv), "tf32x3" if precise else "tf32"
 
 
 def _config(x, DK, DV, precise):
     cfg = launch_config(DK, DV, precise)
-    return cfg if x.is_cuda else cfg[:5] + (dot_precision(x),)
+    return cfg if x.is_cuda else cfg[:3] + (dot_precision(x),)
 
 
 class _ChunkLoopFunction(torch.autograd.Function):
@@ -144,9 +144,9 @@ class _ChunkLoopFunction(torch.autograd.Function):
         o = triton_utils.empty(Ut.shape, torch.float32, Ut.device)
         states = triton_utils.empty((B, H, N, DK, DV), torch.float32, Ut.device)
         S_end = triton_utils.empty((B, H, DK, DV), torch.float32, Ut.device)
-        bk, bv, nv, fwd_warps, _, prec = _config(Ut, DK, DV, precise)
+        bk, bv, nv, prec = _config(Ut, DK, DV, precise)
         _fwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, S0, o, states, S_end, N, DK, DV, C, bk, bv,
-                                 PREC=prec, num_warps=fwd_warps, num_stages=STAGES)
+                                 PREC=prec, num_warps=WARPS, num_stages=STAGES)
         ctx.save_for_backward(Ut, W, q_in, scores, k_out, last, states)
         ctx.precise = precise
         return o, S_end
@@ -156,7 +156,7 @@ class _ChunkLoopFunction(torch.autograd.Function):
         Ut, W, q_in, scores, k_out, last, states = ctx.saved_tensors
         B, H, N, C, DV = Ut.shape
         DK = W.shape[-1]
-        bk, bv, nv, _, bwd_warps, prec = _config(Ut, DK, DV, ctx.precise)
+        bk, bv, nv, prec = _config(Ut, DK, DV, ctx.precise)
         dev, f32 = Ut.device, torch.float32
         do, dS_end = do.contiguous(), dS_end.contiguous()
         dUt = triton_utils.empty(Ut.shape, f32, dev)
@@ -166,7 +166,7 @@ class _ChunkLoopFunction(torch.autograd.Function):
         dlast = triton_utils.empty((nv,) + last.shape, f32, dev)
         _bwd_kernel[(nv, B * H)](Ut, W, q_in, scores, k_out, last, states, do, dS_end,
                                  dUt, dW, dq_in, dscores, dk_out, dlast, dS0, N, B * H * N, DK, DV, C, bk, bv,
-                                 PREC=prec, num_warps=bwd_warps, num_stages=STAGES)
+                                 PREC=prec, num_warps=WARPS, num_stages=STAGES)
         dW, dq_in, dscores, dk_out, dlast = (x.sum(0) for x in (dW, dq_in, dscores, dk_out, dlast))
         return dUt, dW, dq_in, dscores, dk_out, dlast, dS0, None
 
