@@ -75,6 +75,18 @@ def test_runs_pool_replicates_and_a_report_missing_an_ablation_is_refused(tmp_pa
         load_runs([path, renamed])
 
 
+def test_runs_signs_count_ahead_behind_and_leave_ties_out(tmp_path):
+    # HyPE ahead of NoPE everywhere in two runs and level in a third: the sign test over runs sees 2 of 2 (p = 0.5),
+    # whatever the prompts' stratified test makes of the same counts
+    paths = [_report(tmp_path, f"run{i}", student=_row(hype), rope_everywhere=_row(0.0), nope_everywhere=_row(nope))
+             for i, (hype, nope) in enumerate([(0.6, 0.3), (0.5, 0.2), (0.4, 0.4)])]
+    page = markdown(load_runs(paths), "cmd")
+    nope = page.split("## HyPE against nope_everywhere")[1].split("##")[0]
+    assert "ahead in 2 and behind in 0 of 3 runs (sign test over runs p = 0.5)" in nope
+    rope = page.split("## HyPE against rope_everywhere")[1]
+    assert "ahead in 3 and behind in 0 of 3 runs (sign test over runs p = 0.25)" in rope
+
+
 def test_published_page_is_its_reports_rendered():
     """docs/position_across_runs.md is what the tool renders from the reports its command names, and it names
     every published run of examples/reproduce.yaml."""
