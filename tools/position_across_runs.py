@@ -8,7 +8,8 @@ runs and behind in others. Each run's recipe differs, so the runs are not pooled
 Cochran-Mantel-Haenszel test compares HyPE with the ablation within each run and adds up the evidence, and the
 Mantel-Haenszel odds ratio is their common effect (above 1: HyPE retrieves more). That test takes each run's prompts
 as the only noise; a sign test over runs (HyPE ahead or behind in each, ties left out) does not. Held-out loss by
-position, where a run measured it, is compared by a sign test over runs. A run's replicates pool into their original, as on its page.
+position, where a run measured it, is compared by a sign test over runs. A run's replicates pool into their
+original, as on its page.
 """
 
 import argparse
