@@ -21,6 +21,7 @@ from megatron_hypenet.recipe import (
     STUDENT,
     TEACHER,
     ablation_pattern,
+    check_ablations,
     decode_speed,
     even_pattern,
     halo_budget,
@@ -30,7 +31,7 @@ from megatron_hypenet.recipe import (
     variant_stages,
 )
 from tools.build_local_corpus import build_local_corpus, candidate_files, is_heldout
-from tools.write_results import PLOTS, fisher_exact, markdown, targets, write_results
+from tools.write_results import PLOTS, fisher_exact, markdown, position_ablations, targets, write_results
 
 SMOKE = os.path.join(ROOT, "examples", "reproduce_smoke.yaml")
 GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
@@ -514,7 +515,7 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "gated_deltanet": "ADDDDADDDDAD", "no_twins": selected}
+                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected}
     # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
@@ -522,7 +523,13 @@ def test_gpu_recipe_sizes_and_budget():
     distill, finetune = recipe["stages"]["distill"], recipe["stages"]["finetune"]
     assert distill["train_only_mixers"] and finetune["train_only_mixers"] and distill["lr_wsd_decay_fraction"] == 0.5
     assert (distill["lr"], distill["train_iters"], finetune["train_iters"]) == (1.5e-3, 1500, 60)
-    assert [a["kind"] for a in recipe["ablations"].values()].count("position") == 2
+    # run 18: seed-2 replicates of the main student and of NoPE everywhere (each its own align), pooled by the
+    # position target with what they replicate
+    assert position_ablations({"ablations": recipe["ablations"]}) == ["rope_everywhere", "nope_everywhere"]
+    check_ablations(recipe["ablations"], recipe["stages"], recipe["common"])
+    assert {n: a["replicate_of"] for n, a in recipe["ablations"].items() if "replicate_of" in a} == {
+        "hype_seed2": "main", "nope_everywhere_seed2": "nope_everywhere"}
+    assert not any(recipe["ablations"][n].get("reuse_align") for n in ("hype_seed2", "nope_everywhere_seed2"))
     # the main student aligns with the calibrated init (the default). Align and distill build the student with the
     # short conv (distill refuses an align checkpoint of the other kind); select and finetune take the architecture
     # from their --load checkpoint and carry the flag so that their command lines say what the model is
@@ -531,12 +538,8 @@ def test_gpu_recipe_sizes_and_budget():
     # run 12: the RNN layers' output norm per head in every student but all_heads_norm (the paper's, its own align)
     assert all(recipe["stages"][stage]["lightning_output_norm_per_head"]
                for stage in ("align", "select", "distill", "finetune"))
-    # run 13: the HyPE attention layers start distill from their aligned twins; run 14: no_twins is the main student
-    # without them (its own align, the same distill lr)
+    # run 13: the HyPE attention layers start distill from their aligned twins
     assert "--attention-twins" in stage_command("align", recipe["stages"]["align"])
-    plain = variant_stages(recipe["stages"], recipe["ablations"]["no_twins"])
-    assert "--attention-twins" not in stage_command("align", plain["align"]) and plain["distill"] == distill
-    assert not recipe["ablations"]["no_twins"].get("reuse_align")
 
 
 def test_published_page_is_its_report_rendered():
