@@ -116,7 +116,8 @@ def markdown(runs: list, command: str) -> str:
             loss = (f"; held-out loss@{m}x lower for HyPE in {wins} of the {measured} runs that measured it "
                     f"(sign test p = {sign_test(wins, measured):.2g})" if measured else "")
             # The runs' own signs, beside the stratified test: the test counts prompts as the only noise, while a
-            # second training of one recipe can move a model's retrieval far more (docs/results.md, runs 14 and 17)
+            # second training of one recipe can move a model's retrieval far more (docs/results.md: runs 14, 17
+            # and 18)
             lines.append(f"- {m}x: HyPE {hype} of {prompts[0]} against {other} of {prompts[1]}, ahead in {ahead} and "
                          f"behind in {behind} of {len(tables[m])} runs (sign test over runs p = "
                          f"{sign_test(ahead, ahead + behind):.2g}); Mantel-Haenszel odds ratio {ratio:.2f}, stratified "
