@@ -568,7 +568,7 @@ def test_gpu_recipe_flags_parse(path):
     """Every stage's flags (with each ablation's options and per-stage flags) are pretrain_hypenet.py flags, and the
     teacher's shape is one tiny_qwen3_config takes."""
     from megatron_hypenet.arguments import build_parser, parse_args
-    from megatron_hypenet.recipe import to_flags, variant_stages
+    from megatron_hypenet.recipe import to_flags
     from megatron_hypenet.tiny import tiny_qwen3_config
 
     recipe = load(path)
@@ -590,8 +590,6 @@ def test_ablation_pattern_errors():
         ablation_pattern({"options": {"rnn_mixer": "mamba"}}, "LLLA")
     with pytest.raises(ValueError, match="the student has 4 layers; keep at most 3 as attention"):
         ablation_pattern({"layer_pattern": "even", "num_attention_layers": 4}, "LLLA")
-    from megatron_hypenet.recipe import check_ablations
-
     for spec in ({"layer_pattern": "even", "num_attention_layers": 0}, {"layer_pattern": "even",
                  "num_attention_layers": "2"}, {"num_attention_layers": 2}, {"layer_pattern": "LLAA",
                  "num_attention_layers": 2}, {"layer_pattern": "recall", "num_attention_layers": True}):
@@ -626,7 +624,7 @@ def test_fixed_pattern_recipe_keeps_each_ablations_pattern(tmp_path):
 
 
 def test_budget_scale_multiplies_the_halo_iterations():
-    from megatron_hypenet.recipe import check_ablations, scaled_stage, variant_halo_tokens
+    from megatron_hypenet.recipe import scaled_stage, variant_halo_tokens
 
     assert scaled_stage({"train_iters": 7, "lr": 1e-3}, 3) == {"train_iters": 21, "lr": 1e-3}
     assert scaled_stage({"train_iters": 3}, 0.1) == {"train_iters": 1}  # never zero iterations
@@ -640,8 +638,6 @@ def test_budget_scale_multiplies_the_halo_iterations():
 
 
 def test_ablation_stage_flags_are_checked():
-    from megatron_hypenet.recipe import check_ablations, variant_stages
-
     stages = {"align": {"lr": 1e-2}, "distill": {"lr": 1e-3, "train_iters": 8}, "finetune": {"lr": 3e-4}}
     assert variant_stages(stages, {"stages": {"distill": {"lr": 2e-3}}}) == {
         "align": {"lr": 1e-2}, "distill": {"lr": 2e-3, "train_iters": 8}, "finetune": {"lr": 3e-4}}
@@ -661,16 +657,12 @@ def test_ablation_stage_flags_are_checked():
 
 
 def test_ablation_names_of_the_main_run_are_refused():
-    from megatron_hypenet.recipe import check_ablations
-
     for name in ("student", "teacher", "align", "main"):
         with pytest.raises(ValueError, match="belong to the main run"):
             check_ablations({name: {"kind": "selection"}})
 
 
 def test_replicates_must_train_as_their_original_on_other_seeds():
-    from megatron_hypenet.recipe import check_ablations
-
     nope = {"kind": "position", "options": {"no_lightning_rope": True}}
     stages = {"align": {"lr": 1e-2}, "distill": {"lr": 1e-3}, "finetune": {"lr": 3e-4}}
     ok = {"nope": nope, "nope_s2": {"kind": "position", "replicate_of": "nope",
