@@ -52,9 +52,9 @@ def description_from_hf(hf: dict, tp: int = 1, pp: int = 1) -> dict:
                              {k: hf[k] for k in HF_EXTRA_KEYS if k in hf})
 
 
+@parallel.process_group()
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None) -> str:
     """Converts a Qwen3 (or HypeNet) HF folder into `out_dir/iter_0000000`; returns that path."""
-    parallel.ensure_process_group()
     folder = SafetensorsFolder(hf_dir)
     desc = description_from_hf(folder.config(), tp, pp)
     expected = hf_names(desc)
@@ -110,12 +110,12 @@ def hf_config(desc: dict):
     return HFHypeNetConfig(**common, **{k: desc[k] for k in HYPENET_FIELDS})
 
 
+@parallel.process_group()
 def mcore_to_hf(mcore_dir: str, out_dir: str, iteration: Optional[int] = None, dtype: Optional[str] = None,
                 overwrite: bool = False) -> str:
     """Exports a teacher or HypeNet checkpoint as an HF folder that `from_pretrained` + `generate()` load."""
     from .hf.export import write_hf_folder
 
-    parallel.ensure_process_group()
     path = checkpoint.resolve(mcore_dir, iteration)
     desc = read_model_description(path)
     metadata = checkpoint.tensor_metadata(path)

@@ -3,6 +3,7 @@
 Model math never reads the parallel state; only this module, the trainer and the checkpoint code do.
 """
 
+import contextlib
 import os
 import random
 import socket
@@ -44,6 +45,19 @@ def ensure_process_group() -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
+
+
+@contextlib.contextmanager
+def process_group():
+    """`ensure_process_group` for one piece of work (also a decorator): a group made here is destroyed on leaving,
+    as NCCL warns at exit of one left behind; a group the caller had stays."""
+    made = not dist.is_initialized()
+    ensure_process_group()
+    try:
+        yield
+    finally:
+        if made:
+            destroy()
 
 
 def initialize(tp: int = 1, pp: int = 1, cp: int = 1, vpp=None, seed: int = 1234) -> None:

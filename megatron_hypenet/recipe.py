@@ -408,17 +408,13 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
 
         _long_loss_windows(recipe, heldout, AutoTokenizer.from_pretrained(teacher_hf))
 
-    from megatron_hypenet import parallel
     from megatron_hypenet.convert import hf_to_mcore
 
     run = _Runner(work, dict(recipe.get("common", {}), data_path=prefix, tokenizer=teacher_hf))
     run.commands += data_commands(recipe, work, teacher_hf, prefix)
     ck = run.ck
     if not os.path.exists(os.path.join(ck("teacher_init"), "latest_checkpointed_iteration.txt")):
-        try:
-            hf_to_mcore(teacher_hf, ck("teacher_init"))
-        finally:  # the conversion makes a process group, which NCCL warns of at exit unless it is destroyed
-            parallel.destroy()
+        hf_to_mcore(teacher_hf, ck("teacher_init"))
     stages = recipe.get("stages", {})
     teacher = ck("teacher_init")
     if "pretrain" in stages:
@@ -529,14 +525,10 @@ def _corpus_report(work: str, prefix: str) -> dict:
 
 
 def export(run: _Runner, checkpoint: str, out: str) -> None:
-    from megatron_hypenet import parallel
     from megatron_hypenet.convert import mcore_to_hf
 
     run.commands.append(f"python tools/convert_mcore_to_hf.py --mcore-dir {checkpoint} --out {out} --overwrite")
-    try:
-        mcore_to_hf(checkpoint, out, overwrite=True)
-    finally:  # as the tool does: the conversion's process group, which NCCL warns of at exit unless destroyed
-        parallel.destroy()
+    mcore_to_hf(checkpoint, out, overwrite=True)
 
 
 def ablation_align(run: _Runner, name: str, spec: dict, stages: dict, teacher: str) -> str:

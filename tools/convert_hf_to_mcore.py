@@ -31,13 +31,9 @@ def main(argv=None):
         from huggingface_hub import snapshot_download
 
         hf_dir = snapshot_download(hf_dir, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
-    from megatron_hypenet import parallel
     from megatron_hypenet.convert import hf_to_mcore
 
-    try:
-        path = hf_to_mcore(hf_dir, args.out, args.tp, args.pp, args.dtype)
-    finally:
-        parallel.destroy()
+    path = hf_to_mcore(hf_dir, args.out, args.tp, args.pp, args.dtype)
     print(f"wrote {path}")
 
 

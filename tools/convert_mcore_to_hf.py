@@ -24,13 +24,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from megatron_hypenet import parallel
     from megatron_hypenet.convert import mcore_to_hf
 
-    try:
-        out = mcore_to_hf(args.mcore_dir, args.out, args.ckpt_step, args.dtype, args.overwrite)
-    finally:
-        parallel.destroy()
+    out = mcore_to_hf(args.mcore_dir, args.out, args.ckpt_step, args.dtype, args.overwrite)
     print(f"wrote {out}")
 
 
