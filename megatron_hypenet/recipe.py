@@ -8,6 +8,9 @@ recipe: the next stage must not start from a half-trained one.
 
 Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml):
 
+- `base: other.yaml` (a path relative to this recipe): start from that recipe, and let each top-level key of this
+  file replace the base's whole (an `ablations` key replaces all of the base's ablations; `stages` all its stages).
+  One experiment can then change the variants or the name of another without copying its teacher and stages.
 - `data.local_corpus: {max_bytes, heldout_fraction, ...}`: the corpus is the Python sources and docs
   installed on this machine (tools/build_local_corpus.py), split by file; the tokenizer and the teacher
   train on the training files, and the held-out loss and the retrieval haystacks come from the held-out
@@ -93,6 +96,27 @@ def to_flags(options: dict) -> List[str]:
         else:
             flags += [flag, str(value)]
     return flags
+
+
+def load_recipe(path: str, _children: tuple = ()) -> dict:
+    """The recipe at `path`, with its `base` (and the base's own) applied: top-level keys replace the base's."""
+    if not os.path.exists(path):
+        via = f" (the base of {_children[-1]})" if _children else ""
+        raise FileNotFoundError(f"recipe {path}{via}: file not found")
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path}: a YAML mapping of recipe keys expected, got {type(recipe).__name__}")
+    base = recipe.pop("base", None)
+    if base is None:
+        return recipe
+    if not isinstance(base, str):
+        raise ValueError(f"recipe {path}: base: {base!r}; give the path of another recipe, relative to this file")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(path), base))
+    chain = (*_children, os.path.normpath(path))
+    if base_path in chain:
+        raise ValueError(f"recipe {path}: base {base} leads back to itself ({' -> '.join(chain + (base_path,))})")
+    return {**load_recipe(base_path, chain), **recipe}
 
 
 def stage_command(stage: str, options: dict) -> str:
@@ -387,8 +411,7 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
     from megatron_hypenet.checkpoint import start_save_helper
 
     start_save_helper()  # before the teacher's conversion saves: a pre-empted stage's final save needs it alive
-    with open(path) as f:
-        recipe = yaml.safe_load(f)
+    recipe = load_recipe(path)
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
     ablations = recipe.get("ablations") or {}

@@ -25,6 +25,7 @@ from megatron_hypenet.recipe import (
     decode_speed,
     even_pattern,
     halo_budget,
+    load_recipe,
     run_recipe,
     stage_command,
     tag_worker_logs,
@@ -35,6 +36,7 @@ from tools.write_results import PLOTS, fisher_exact, markdown, position_ablation
 
 SMOKE = os.path.join(ROOT, "examples", "reproduce_smoke.yaml")
 GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
+BUDGET = os.path.join(ROOT, "examples", "reproduce_budget.yaml")
 
 
 def load(path):
@@ -542,6 +544,44 @@ def test_gpu_recipe_sizes_and_budget():
                for stage in ("align", "select", "distill", "finetune"))
     # run 13: the HyPE attention layers start distill from their aligned twins
     assert "--attention-twins" in stage_command("align", recipe["stages"]["align"])
+
+
+def test_budget_recipe_is_the_gpu_recipe_with_budget_variants():
+    """examples/reproduce_budget.yaml trains reproduce.yaml's teacher and main student, and that student again on
+    2x and 3x the distill and finetune iterations from the main align, at the budgets its comments give."""
+    gpu, budget = load(GPU), load_recipe(BUDGET)
+    assert {k: v for k, v in budget.items() if k not in ("name", "work_dir", "ablations")} == {
+        k: v for k, v in gpu.items() if k not in ("name", "work_dir", "ablations")}
+    assert budget["work_dir"] != gpu["work_dir"]  # the two experiments never resume from each other's checkpoints
+    check_ablations(budget["ablations"], budget["stages"], budget["common"])
+    tokens = {stage: planned_tokens(budget, stage) for stage in ("pretrain", *HALO_STAGES)}
+    assert halo_budget(tokens)["halo_tokens"] == 4_300_800
+    spent = {}
+    for name, spec in budget["ablations"].items():
+        assert spec["kind"] == "budget" and spec["reuse_align"]
+        spent[name] = tokens["align"] + sum(planned_tokens(budget, s, ablation=name) for s in ("distill", "finetune"))
+    assert spent == {"budget_x2": 7_618_560, "budget_x3": 10_936_320}
+    assert [round(100 * spent[n] / tokens["pretrain"], 2) for n in spent] == [3.52, 5.06]
+
+
+def test_recipe_base_replaces_top_level_keys(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text("name: a\nstages: {distill: {lr: 1.0e-3}}\nablations: {x: {kind: budget}}\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\nablations: {y: {kind: selection}}\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nwork_dir: runs/c\n")
+    assert load_recipe(str(tmp_path / "c.yaml")) == {
+        "name": "b", "work_dir": "runs/c", "stages": {"distill": {"lr": 1.0e-3}}, "ablations": {"y": {"kind": "selection"}}}
+    (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.yaml \(the base of .*missing.yaml\): file not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    (tmp_path / "loop.yaml").write_text("base: sub/loop.yaml\n")
+    (tmp_path / "sub" / "loop.yaml").write_text("base: ../loop.yaml\n")
+    with pytest.raises(ValueError, match="leads back to itself"):
+        load_recipe(str(tmp_path / "loop.yaml"))
+    for text, match in (("base: [a.yaml]\n", "give the path of another recipe"), ("- a\n", "YAML mapping")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_recipe(str(tmp_path / "bad.yaml"))
 
 
 def test_published_page_is_its_report_rendered():
