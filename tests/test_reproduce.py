@@ -302,8 +302,11 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
     gap = report["models"]["budget_x2"]["valid_loss"] / report["models"][TEACHER]["valid_loss"] - 1
     assert f"| budget_x2 | 2 | {budget:,} | {100 * budget / report['halo_budget']['teacher_tokens']:.2f} |" in text
     assert f"| {gap:+.2%} |" in text
-    assert "The ablations trained 2 at a time beside the main student's distill and finetune" in text
+    assert "The ablations trained up to 2 at a time beside the main student's distill and finetune" in text
     assert (work / "results.md").read_text() == text  # the recipe wrote the same page
+    # more workers than ablations: the page says how many could train at once, not the setting
+    few = {**report, "ablation_workers": 8, "ablations": dict(list(report["ablations"].items())[:3])}
+    assert "The ablations trained up to 3 at a time" in markdown(few)
 
 
 def test_added_report_joins_the_page(smoke, tmp_path):
@@ -584,12 +587,13 @@ def test_recipe_base_replaces_top_level_keys(tmp_path):
             load_recipe(str(tmp_path / "bad.yaml"))
 
 
-def test_published_page_is_its_report_rendered():
-    """docs/results.md above its hand-written reading is exactly what write_results renders from the report
-    published beside it: no number on the page was typed by hand."""
-    page = open(os.path.join(ROOT, "docs", "results.md")).read()
+@pytest.mark.parametrize("page", ["results.md", "results_budget.md"])
+def test_published_page_is_its_report_rendered(page):
+    """A published results page above its hand-written reading is exactly what write_results renders from the
+    report published beside it: no number on the page was typed by hand."""
+    page = open(os.path.join(ROOT, "docs", page)).read()
     generated, reading = page.split("\n## Reading the results (hand-written", 1)
-    links = re.findall(r"\]\((results/run\d+)/report\.json\)", reading)
+    links = re.findall(r"\]\((results/\w+)/report\.json\)", reading)
     assert links, "the reading links the run's report"
     with open(os.path.join(ROOT, "docs", links[0], "report.json")) as f:
         report = json.load(f)

@@ -362,8 +362,9 @@ def markdown(report: dict, plots_link: str = "results") -> str:
         share = f"{100 * count / teacher_tokens:.2f}" if teacher_tokens else "-"
         speed = _fmt(report["tokens_per_s"].get(key), ",.0f")
         lines.append(f"| {key} | {curve[-1][0]} | {count:,} | {share} | {speed} |")
-    if report.get("ablation_workers", 1) > 1:
-        lines += ["", f"The ablations trained {report['ablation_workers']} at a time beside the main student's distill "
+    at_once = min(report.get("ablation_workers", 1), len(report.get("ablations", {})))
+    if at_once > 1:
+        lines += ["", f"The ablations trained up to {at_once} at a time beside the main student's distill "
                       "and finetune, on the same device: those stages' tokens/s are shares of it."]
     if budget.get("percent_of_teacher") is not None:
         percent = budget["percent_of_teacher"]
