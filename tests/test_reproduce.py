@@ -572,8 +572,8 @@ def test_recipe_base_replaces_top_level_keys(tmp_path):
     (tmp_path / "a.yaml").write_text("name: a\nstages: {distill: {lr: 1.0e-3}}\nablations: {x: {kind: budget}}\n")
     (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\nablations: {y: {kind: selection}}\n")
     (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nwork_dir: runs/c\n")
-    assert load_recipe(str(tmp_path / "c.yaml")) == {
-        "name": "b", "work_dir": "runs/c", "stages": {"distill": {"lr": 1.0e-3}}, "ablations": {"y": {"kind": "selection"}}}
+    assert load_recipe(str(tmp_path / "c.yaml")) == {"name": "b", "work_dir": "runs/c", "stages": {
+        "distill": {"lr": 1.0e-3}}, "ablations": {"y": {"kind": "selection"}}}
     (tmp_path / "missing.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(FileNotFoundError, match=r"nowhere.yaml \(the base of .*missing.yaml\): file not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
