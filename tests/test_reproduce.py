@@ -39,11 +39,6 @@ GPU = os.path.join(ROOT, "examples", "reproduce.yaml")
 BUDGET = os.path.join(ROOT, "examples", "reproduce_budget.yaml")
 
 
-def load(path):
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
 def planned_tokens(recipe: dict, stage: str, dp: int = 1, ablation: str = None) -> int:
     """iterations x global batch x sequence length, from a recipe's flags alone (of an ablation's stage: as
     `variant_stages` builds it, with its `budget_scale`, `options` and per-stage flags)."""
@@ -117,7 +112,7 @@ def smoke(tmp_path_factory):
     """examples/reproduce_smoke.yaml plus one ablation that fails, the report must go on without it, with two
     ablation workers (test_ablation_workers_train_as_the_recipe_process_does runs one in the recipe's process)."""
     root = tmp_path_factory.mktemp("reproduce")
-    recipe = load(SMOKE)
+    recipe = load_recipe(SMOKE)
     recipe["ablations"]["broken"] = BROKEN
     recipe["ablation_workers"] = 2
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -491,7 +486,7 @@ def test_gpu_recipe_sizes_and_budget():
 
     from megatron_hypenet.tiny import tiny_qwen3_config
 
-    recipe = load(GPU)
+    recipe = load_recipe(GPU)
     spec = {k: v for k, v in recipe["make_tiny_teacher"].items() if not k.startswith("tokenizer_")}
     config = tiny_qwen3_config(vocab_size=recipe["make_tiny_teacher"]["tokenizer_vocab_size"], **spec)
     with torch.device("meta"):
@@ -552,7 +547,7 @@ def test_gpu_recipe_sizes_and_budget():
 def test_budget_recipe_is_the_gpu_recipe_with_budget_variants():
     """examples/reproduce_budget.yaml trains reproduce.yaml's teacher and main student, and that student again on
     2x and 3x the distill and finetune iterations from the main align, at the budgets its comments give."""
-    gpu, budget = load(GPU), load_recipe(BUDGET)
+    gpu, budget = load_recipe(GPU), load_recipe(BUDGET)
     assert {k: v for k, v in budget.items() if k not in ("name", "work_dir", "ablations")} == {
         k: v for k, v in gpu.items() if k not in ("name", "work_dir", "ablations")}
     assert budget["work_dir"] != gpu["work_dir"]  # the two experiments never resume from each other's checkpoints
@@ -602,7 +597,7 @@ def test_published_page_is_its_report_rendered(page):
         assert os.path.exists(os.path.join(ROOT, "docs", links[0], plot)), plot
 
 
-@pytest.mark.parametrize("path", [GPU, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
+@pytest.mark.parametrize("path", [GPU, BUDGET, os.path.join(ROOT, "examples", "tiny_gpu.yaml"),
                                   os.path.join(ROOT, "examples", "calibration_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "budget_proxy.yaml"),
                                   os.path.join(ROOT, "examples", "head_dim_proxy.yaml"),
@@ -615,7 +610,7 @@ def test_gpu_recipe_flags_parse(path):
     from megatron_hypenet.recipe import to_flags
     from megatron_hypenet.tiny import tiny_qwen3_config
 
-    recipe = load(path)
+    recipe = load_recipe(path)
     shape = {k: v for k, v in recipe["make_tiny_teacher"].items() if not k.startswith("tokenizer_")}
     assert tiny_qwen3_config(**shape).num_hidden_layers == shape["num_layers"]
     known = {a.dest for a in build_parser()._actions}
@@ -651,7 +646,7 @@ def test_ablation_pattern_errors():
 def test_fixed_pattern_recipe_keeps_each_ablations_pattern(tmp_path):
     """Without a select stage the main student takes stages.distill.layer_pattern, and an ablation's own
     pattern still wins over it (it is the ablation's distill flag, and the one reported)."""
-    recipe = load(SMOKE)
+    recipe = load_recipe(SMOKE)
     del recipe["stages"]["select"]
     n = recipe["make_tiny_teacher"]["num_layers"]
     main, other = "L" * (n - 1) + "A", "A" + "L" * (n - 1)
