@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (student and teacher): inductor fuses the norms, RoPE and "
                         "activations that small models spend most of a step on; the first steps compile")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture each step's forward and backward as one CUDA graph and replay it (cuda_graph.py): "
+                        "for small micro-batches, where launching kernels takes longer than running them")
     g.add_argument("--loss-chunk-size", type=int, default=1024, help="tokens per chunk of the LM head / KL")
     g.add_argument("--nan-policy", choices=("skip", "stop"), default="skip", help="on a NaN/Inf loss")
     g.add_argument("--max-skipped-iters", type=int, default=10, help="stop after this many consecutive bad steps")
@@ -186,6 +189,14 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if args.compile and untested:
         parser.error(f"--compile is tested with tensor and data parallelism only, not with {', '.join(untested)}: "
                      f"leave --compile out for this layout")
+    if args.cuda_graph:
+        refused = untested + [flag for flag, on in (
+            ("--tensor-model-parallel-size > 1", args.tensor_model_parallel_size > 1),
+            ("--use-distributed-optimizer", args.use_distributed_optimizer),
+            ("--recompute-granularity", args.recompute_granularity is not None)) if on]
+        if refused:
+            parser.error(f"--cuda-graph is tested with data parallelism only, not with {', '.join(refused)}: leave "
+                         f"--cuda-graph out for this layout")
     if args.layer_pattern and os.path.exists(args.layer_pattern):
         with open(args.layer_pattern) as f:
             args.layer_pattern = f.read().strip()

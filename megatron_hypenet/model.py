@@ -115,6 +115,13 @@ def build_model(config: HypeNetConfig, vocab_size: int, tie_word_embeddings: boo
 def compile_layers(model: GPTModel) -> None:
     """torch.compile each decoder layer in place (torchtitan's per-block granularity). Not the whole model: the
     stages call its embedding and decoder, not its forward (halo.stages.forward_hidden). Layers of one kind share
-    their compiled graphs (on CPU, 12 layers compiled once, plus once for the first layer's input strides)."""
+    their compiled graphs (on CPU, 12 layers compiled once, plus once for the first layer's input strides).
+
+    A distill process compiles several kinds of layer per function (student RNN and attention layers in fp32, the
+    teacher's in bf16, each also under --cuda-graph's cache-free autocast): past dynamo's default of 8 graphs per
+    function the rest would silently run eager (seen on an H100), hence the higher limit."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.decoder.layers:
         layer.compile()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from . import checkpoint, parallel, pipeline, zero3
 from .arguments import save_resolved
 from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
+from .cuda_graph import CapturedStep
 from .data import build_gpt_datasets, make_dataloader
 from .distributed_optimizer import DistributedOptimizer
 from .halo.stages import build_stage
@@ -345,16 +346,23 @@ def _train(args, preempt: PreemptionFlag) -> dict:
                disable=args.no_progress or not parallel.is_rank0())
     for model in student:
         model.train()
+    captured = None  # --cuda-graph: the step's forward and backward, captured on the first step
     it = start
     for it in bar:
         t0 = time.time()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(it, args)
-        optimizer.zero_grad(set_to_none=True)
         batches = [parallel.local_batch(next(loader), device) for _ in range(accumulation)]
-        loss_sum = pipeline.run(stage.chunks, batches, args.seq_length, args.micro_batch_size * stage.stacked,
-                                autocast=autocast,
-                                whole_model_loss=optimizer.loss if args.zero_stage == 3 else stage.loss)
+        if args.cuda_graph:  # the graph owns the gradients and rewrites them each replay (cuda_graph.py)
+            if captured is None:
+                captured = CapturedStep(stage.loss, stage.trainable, batches, args.bf16)
+                log.info("--cuda-graph: captured the step's forward and backward (%d micro-batches)", accumulation)
+            loss_sum = captured.run(batches)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = pipeline.run(stage.chunks, batches, args.seq_length, args.micro_batch_size * stage.stacked,
+                                    autocast=autocast,
+                                    whole_model_loss=optimizer.loss if args.zero_stage == 3 else stage.loss)
         loss_sum = parallel.data_parallel_mean(loss_sum)  # the global batch's loss, on every rank
         consumed += global_batch
         if not args.use_distributed_optimizer:  # (megatron-core's DDP reduces its gradients in optimizer.step)
