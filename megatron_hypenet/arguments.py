@@ -195,8 +195,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             ("--use-distributed-optimizer", args.use_distributed_optimizer),
             ("--recompute-granularity", args.recompute_granularity is not None)) if on]
         if refused:
-            parser.error(f"--cuda-graph is tested with data parallelism only, not with {', '.join(refused)}: leave "
-                         f"--cuda-graph out for this layout")
+            parser.error(f"--cuda-graph captures steps with no collective inside them (one GPU, or data parallel: "
+                         f"gradients are all-reduced outside the graph); not tested with {', '.join(refused)}: "
+                         f"leave --cuda-graph out for this layout")
     if args.layer_pattern and os.path.exists(args.layer_pattern):
         with open(args.layer_pattern) as f:
             args.layer_pattern = f.read().strip()
