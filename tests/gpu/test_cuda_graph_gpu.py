@@ -1,7 +1,7 @@
 """--cuda-graph on one GPU (cuda_graph.py): align, distill and finetune with each step's forward and backward
 replayed from a CUDA graph follow the eager run's loss curve, also with two micro-batches per step and with
-Gated DeltaNet's Triton kernels; and with
---compile, the graphed run follows the run that launches the same compiled kernels one by one.
+Gated DeltaNet's Triton kernels; and with --compile, the graphed run follows the run that launches the same
+compiled kernels one by one.
 
 Tolerance, as in test_resume_gpu.py: a second eager run measures the kernels' run-to-run noise
 (atomics in the bf16 attention and Lightning backward kernels), and every step of the graphed run must satisfy
