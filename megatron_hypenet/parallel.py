@@ -31,6 +31,11 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+# What ensure_process_group puts in os.environ for a plain `python` run (and torchrun sets): a child process that
+# should make its own group must not inherit them
+PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def ensure_process_group() -> None:
     """Joins torchrun's process group, or makes a one-process one (dist_checkpointing needs a group)."""
     for key, value in NVLS_OFF.items():

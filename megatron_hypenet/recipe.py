@@ -647,7 +647,9 @@ def _ablation_worker(work: str, common: dict, tokens: dict, name: str, spec: dic
     reusing the main align counts its tokens). Returns the variant, its folder and what its stages
     recorded, for the parent's report; with `selected` None only the variant's own align (the variant's
     later worker finds it complete and records it)."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    from megatron_hypenet.parallel import PROCESS_GROUP_ENV
+
+    for key in PROCESS_GROUP_ENV:
         os.environ.pop(key, None)  # the parent's one-process group, inherited through the environment
     tag_worker_logs(name)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (workers + 1)))

@@ -20,6 +20,7 @@ import time
 import pytest
 
 from helpers import ROOT
+from megatron_hypenet.parallel import PROCESS_GROUP_ENV
 
 PRETRAIN = os.path.join(ROOT, "pretrain_hypenet.py")
 ITERS, KILL_AT, SAVE_INTERVAL = 8, 4, 2
@@ -30,7 +31,6 @@ COMMON = ["--seq-length", "64", "--micro-batch-size", "4", "--split", "90,10,0",
           "--lr-decay-style", "wsd", "--lr-warmup-iters", "2", "--eval-iters", "1", "--log-interval", "1",
           "--no-progress"]
 TRACKER = "latest_checkpointed_iteration.txt"
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ class Run:
 
     def __init__(self, cmd, save, env=None):
         self.save, self.log = save, save + ".log"
-        full_env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}  # not this process's group
+        full_env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}  # not this process's group
         full_env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                         **(env or {}))
         with open(self.log, "a") as out:

@@ -36,8 +36,8 @@ import torch
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "reproduce.yaml")
 PATTERN = "LLLALLLAALLL"
-VARIANTS = {"eager": [], "cuda_graph": ["--cuda-graph"], "compile": ["--compile"],
-            "compile_graph": ["--compile", "--cuda-graph"]}
+VARIANTS = {"eager": {}, "cuda_graph": {"cuda_graph": True}, "compile": {"compile": True},
+            "compile_graph": {"compile": True, "cuda_graph": True}}
 TINY_TEACHER = dict(hidden_size=64, num_layers=4, heads=4, kv_heads=2, head_dim=16, ffn=128, tie=True)
 TINY_PATTERN = "LALL"
 
@@ -89,9 +89,8 @@ def make_work(work: str, recipe: dict, tiny: bool) -> dict:
     return {"hf": hf, "data": prefix, "teacher": teacher_dir, "hybrid": hybrid_dir}
 
 
-def stage_flags(recipe: dict, stage: str, paths: dict, save: str, iters: int, tiny: bool) -> list:
-    from megatron_hypenet.recipe import to_flags
-
+def stage_options(recipe: dict, stage: str, paths: dict, save: str, iters: int, tiny: bool) -> dict:
+    """The recipe's options of `stage` (pretrain_hypenet.py flags as keys), pointed at the benchmark's folders."""
     options = {**recipe["common"], **recipe["stages"][stage], "train_iters": iters, "save": save,
                "data_path": paths["data"], "tokenizer": paths["hf"], "log_interval": 10 ** 6, "compile": False}
     options["lr_warmup_iters"] = min(options.get("lr_warmup_iters", 0), iters // 2)
@@ -103,51 +102,50 @@ def stage_flags(recipe: dict, stage: str, paths: dict, save: str, iters: int, ti
         options["load"] = paths["hybrid"]
     if tiny:  # CPU: short sequences, fp32 (megatron's linear backward fails under CPU bf16 autocast)
         options.update(seq_length=64 * (2 if stage == "finetune" else 1), bf16=False)
-    return ["--stage", stage, *to_flags(options)]
+    return options
 
 
-def run_variant(flags: list, save: str) -> dict:
-    from megatron_hypenet import parallel
-    from megatron_hypenet.arguments import parse_args
-    from megatron_hypenet.training import train
+def median_tokens_per_s(rows: list) -> float:
+    """Over the steps after the first 10 (capture and compilation), or all of a shorter run's."""
+    return statistics.median(r["tokens_per_s"] for r in rows[10:] or rows)
+
+
+def run_variant(stage: str, options: dict) -> dict:
+    from megatron_hypenet.recipe import read_metrics, run_stage
 
     t0 = time.time()
-    try:
-        train(parse_args(flags))
-    finally:
-        parallel.destroy()
-    rows = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
-    timed = [r["tokens_per_s"] for r in rows[10:]] or [r["tokens_per_s"] for r in rows]
-    return {"wall_s": time.time() - t0, "steps": len(rows), "tokens_per_s": statistics.median(timed),
+    run_stage(stage, options)
+    rows = read_metrics(options["save"])
+    return {"wall_s": time.time() - t0, "steps": len(rows), "tokens_per_s": median_tokens_per_s(rows),
             "losses": [r["loss"] for r in rows]}
 
 
-def run_processes(flags: list, save: str, n: int) -> dict:
+def run_processes(stage: str, options: dict, n: int) -> dict:
     """`n` copies of the stage as separate trainer processes at once (own save folders); summed tokens/s."""
     import subprocess
     import sys
 
+    from megatron_hypenet.parallel import PROCESS_GROUP_ENV
+    from megatron_hypenet.recipe import read_metrics, to_flags
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # each its own one-process group, not this process's (ensure_process_group put its RANK and port in os.environ)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
+    saves = [f"{options['save']}_{i}" for i in range(n)]
     t0 = time.time()
     procs = []
-    for i in range(n):
-        out = f"{save}_{i}"
-        with open(out + ".log", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, os.path.join(root, "pretrain_hypenet.py"), *flags,
-                                           "--save", out], cwd=root, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT))
+    for save in saves:
+        with open(save + ".log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(root, "pretrain_hypenet.py"), "--stage", stage,
+                 *to_flags({**options, "save": save})], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT))
     codes = [p.wait() for p in procs]
     if any(codes):
-        raise RuntimeError(f"trainer exit codes {codes}; see {save}_<i>.log")
-    per = []
-    for i in range(n):
-        rows = [json.loads(line) for line in open(os.path.join(f"{save}_{i}", "metrics.jsonl"))]
-        per.append(statistics.median(r["tokens_per_s"] for r in rows[10:]))
-    return {"wall_s": time.time() - t0, "steps": len(rows), "tokens_per_s": sum(per), "per_process": per,
-            "losses": [r["loss"] for r in rows]}
+        raise RuntimeError(f"trainer exit codes {codes}; see {options['save']}_<i>.log")
+    runs = [read_metrics(save) for save in saves]
+    per = [median_tokens_per_s(rows) for rows in runs]
+    return {"wall_s": time.time() - t0, "steps": len(runs[0]), "tokens_per_s": sum(per), "per_process": per,
+            "losses": [r["loss"] for r in runs[0]]}
 
 
 def markdown(rows: list) -> str:
@@ -191,10 +189,10 @@ def main(argv=None):
             for variant in variants:
                 save = os.path.join(work, f"{stage}_{variant}")
                 row = {"stage": stage, "variant": variant}
-                flags = stage_flags(recipe, stage, paths, save, args.iters, args.tiny) + VARIANTS[variant]
+                options = {**stage_options(recipe, stage, paths, save, args.iters, args.tiny), **VARIANTS[variant]}
                 try:
-                    row.update(run_variant(flags, save) if args.processes == 1 else
-                               run_processes(flags, save, args.processes))
+                    row.update(run_variant(stage, options) if args.processes == 1 else
+                               run_processes(stage, options, args.processes))
                 except Exception as e:  # keep the other rows: one call of device time measures them all
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     if args.tiny:
