@@ -28,6 +28,19 @@ def _tokens(n=24, batch=2, seed=7):
     return torch.randint(0, VOCAB, (batch, n + 1), generator=torch.Generator().manual_seed(seed))[:, :-1]
 
 
+def test_random_teacher_trains_its_eos_embedding(tmp_path):
+    """The tiny teachers set no pad_token_id: HF would zero that embedding row, and with pad = EOS every
+    document boundary would start from an all-zero hidden state (RMSNorm gradients of 1e19 in a random student)."""
+    from safetensors.torch import load_file
+
+    hf = save_random_qwen3(str(tmp_path), seed=0, vocab_size=64, eos_token_id=5)
+    with open(os.path.join(hf, "config.json")) as f:
+        config = json.load(f)
+    assert config["eos_token_id"] == 5 and config.get("pad_token_id") is None
+    embedding = load_file(os.path.join(hf, "model.safetensors"))["model.embed_tokens.weight"]
+    assert embedding.norm(dim=1).min() > 0.01, embedding.norm(dim=1)[:8]
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")

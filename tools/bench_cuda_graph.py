@@ -19,8 +19,6 @@ and the largest loss difference to eager over the first 20 steps. eager and cuda
 kernels on the same batches; compile fuses kernels, which moves bf16 roundings.
 With --processes N each (stage, variant) instead runs as N trainer processes at once on the one GPU, the way
 the recipe trains its ablations beside the main student (`ablation_workers`); reported: their summed tokens/s.
-The random teacher has no padding row: HF zeroes the embedding of `pad_token_id`, and a zero hidden
-state at every end-of-document token makes the RMSNorm gradients explode (a trained teacher has none).
 """
 
 import argparse
@@ -64,10 +62,11 @@ def make_work(work: str, recipe: dict, tiny: bool) -> dict:
                              doc_tokens_hint=200)
     tok_dir = os.path.join(work, "tokenizer")
     train_tokenizer([corpus], vocab_size=min(vocab, 1000), out_dir=tok_dir)
-    if len(AutoTokenizer.from_pretrained(tok_dir)) > vocab:
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if len(tokenizer) > vocab:
         raise ValueError(f"the benchmark's tokenizer outgrew the model's vocabulary of {vocab}")
     hf = save_random_qwen3(os.path.join(work, "hf"), seed=0, tokenizer_dir=tok_dir, vocab_size=vocab,
-                           eos_token_id=None, **spec)  # no pad_token_id: see the module docstring
+                           eos_token_id=tokenizer.eos_token_id, **spec)
     prefix = os.path.join(work, "data", "corpus")
     preprocess([corpus], hf, prefix, append_eod=True)
     parallel.initialize(1, 1)
