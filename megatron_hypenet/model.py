@@ -119,9 +119,14 @@ def compile_layers(model: GPTModel) -> None:
 
     A distill process compiles several kinds of layer per function (student RNN and attention layers in fp32, the
     teacher's in bf16, each also under --cuda-graph's cache-free autocast): past dynamo's default of 8 graphs per
-    function the rest would silently run eager (seen on an H100), hence the higher limit."""
+    function the rest would silently run eager (seen on an H100), hence the higher limit.
+
+    Static shapes (dynamic=False): a stage's shapes are fixed, and a layer that meets a second shape (a later
+    stage in the same process, at another length or micro-batch) would otherwise recompile with symbolic sizes,
+    which inductor cannot lower for Gated DeltaNet's chunked code ("cannot determine truth value of Relational",
+    a recipe's ablation worker on CPU). A new shape costs one more static compile instead."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for layer in model.decoder.layers:
-        layer.compile()
+        layer.compile(dynamic=False)

@@ -279,6 +279,9 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     for model in models:
         model.to(device)
     if args.compile:
+        # a recipe trains stage after stage in one process: drop the earlier stages' compiled layers, which would
+        # count against dynamo's recompile limit (model.compile_layers) and never run again
+        torch.compiler.reset()
         for model in models:
             compile_layers(model)
         log.info("--compile: %d decoder layers compile on their first steps",

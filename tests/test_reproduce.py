@@ -478,6 +478,55 @@ def test_decode_speed_wiring_on_cpu(smoke):
         assert out[name]["logits_check"] < 1e-4
 
 
+# ---- the HALO stages' speed flags in a whole recipe ------------------------------------------------------
+
+FAST_GRAPHED = ("align", "distill", "finetune")
+FAST_COMPILED = ("distill",)
+
+
+@pytest.fixture(scope="module")
+def fast_smoke(tmp_path_factory):
+    """The smoke recipe with the speed flags that examples/reproduce.yaml's HALO stages would take: --compile in
+    distill, and on a GPU --cuda-graph in align, distill and finetune (it needs one); with Gated DeltaNet's
+    ablation and three workers. A worker trains stage after stage in one process, where compiled Gated DeltaNet
+    layers once failed (test_compile.py, test_compiled_layers_take_another_stage_shape)."""
+    root = tmp_path_factory.mktemp("reproduce_fast")
+    recipe = load_recipe(SMOKE)
+    recipe["ablation_workers"] = 3
+    recipe["ablations"]["gated_deltanet"] = {"kind": "mixer", "options": {"rnn_mixer": "gated_deltanet"}}
+    graphed = FAST_GRAPHED if torch.cuda.is_available() else ()
+    for stage in graphed:
+        recipe["stages"][stage]["cuda_graph"] = True
+    for stage in FAST_COMPILED:
+        recipe["stages"][stage]["compile"] = True
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    report = run_recipe(str(root / "recipe.yaml"), str(root / "run"))
+    return root / "run", report, recipe, graphed
+
+
+def test_fast_recipe_trains_every_model_with_its_flags(fast_smoke):
+    work, report, recipe, graphed = fast_smoke
+    assert list(report["models"]) == [TEACHER, STUDENT, *recipe["ablations"]]  # a failed ablation has no row
+    for name in (None, *recipe["ablations"]):
+        for stage in HALO_STAGES:
+            if name and stage == "align" and recipe["ablations"][name].get("reuse_align"):
+                continue
+            config = yaml.safe_load((work / "checkpoints" / (name or "") / stage / "config.yaml").read_text())
+            assert (config["cuda_graph"], config["compile"]) == (stage in graphed, stage in FAST_COMPILED), (name, stage)
+
+
+def test_fast_recipe_follows_the_eager_losses(fast_smoke, smoke):
+    """The main student's stages against the eager smoke run (the same teacher, data and seeds): graphs replay
+    eager's kernels and compiled ones round differently at the 1e-6 level (fp32), so a step beyond a 2^-8 share of
+    the stage's largest loss is a bug (stale gradients, a batch not copied into the graph)."""
+    fast, eager = fast_smoke[1]["loss_curves"], smoke[1]["loss_curves"]
+    for stage in HALO_STAGES:
+        tol = 2.0 ** -8 * max(abs(loss) for _, loss in eager[stage])
+        assert [i for i, _ in fast[stage]] == [i for i, _ in eager[stage]], stage
+        bad = [(i, f, e) for (i, f), (_, e) in zip(fast[stage], eager[stage]) if abs(f - e) > tol]
+        assert not bad, f"{stage}: (iteration, fast loss, eager loss) beyond {tol:.3g}: {bad}"
+
+
 # ---- the GPU recipe, checked without running it ---------------------------------------------------------
 
 
