@@ -19,7 +19,7 @@ def tiny_qwen3_config(vocab_size: int = 512, hidden_size: int = 64, num_layers: 
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta}, attention_bias=False,
         # no pad_token_id, as in Qwen3's own configs: HF zeroes that token's embedding row (padding_idx), and with
         # pad = EOS every document boundary fed an all-zero hidden state, whose RMSNorm gradients reached 1e19 in a
-        # 12-layer random student (tools/bench_cuda_graph.py, stop 35). Padding is the tokenizer's business.
+        # 12-layer random student (seen in tools/bench_cuda_graph.py). Padding is the tokenizer's business.
         eos_token_id=eos_token_id, bos_token_id=eos_token_id, pad_token_id=None,
     )
 
