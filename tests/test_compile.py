@@ -12,12 +12,18 @@ from megatron_hypenet.halo.stages import forward_hidden
 from megatron_hypenet.model import build_model, compile_layers
 
 
+def _tiny_model(layer_pattern: str, **fields):
+    """A tiny HypeNet of one layer per letter (vocabulary 64), eager."""
+    config = make_config(hidden_size=32, num_layers=len(layer_pattern), num_attention_heads=4, num_query_groups=2,
+                         kv_channels=8, ffn_hidden_size=64, layer_pattern=layer_pattern, use_cpu_initialization=True,
+                         **fields)
+    return build_model(config, 64, True)
+
+
 def test_compile_layers_compiles_every_layer(recwarn):
     parallel.initialize(1, 1)
     try:
-        config = make_config(hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=8,
-                             ffn_hidden_size=64, layer_pattern="ALD", use_cpu_initialization=True)
-        model = build_model(config, 64, True)
+        model = _tiny_model("ALD")
         compile_layers(model)
         assert all(layer._compiled_call_impl is not None for layer in model.decoder.layers)
         torch._dynamo.reset()
@@ -40,17 +46,11 @@ def test_compiled_layers_take_another_stage_shape():
     them for the new shape, and they compute what their eager twins do."""
     parallel.initialize(1, 1)
     try:
-        def model(pattern):
-            config = make_config(hidden_size=32, num_layers=2, num_attention_heads=4, num_query_groups=2,
-                                 kv_channels=8, ffn_hidden_size=64, layer_pattern=pattern, lightning_short_conv=True,
-                                 use_cpu_initialization=True)
-            return build_model(config, 64, True)
-
         torch._dynamo.reset()
-        finetuned = model("AL")
+        finetuned = _tiny_model("AL", lightning_short_conv=True)
         compile_layers(finetuned)
         forward_hidden(finetuned, torch.randint(0, 64, (2, 256))).sum().backward()
-        distilled = model("AD")
+        distilled = _tiny_model("AD", lightning_short_conv=True)
         x = torch.randint(0, 64, (4, 128), generator=torch.Generator().manual_seed(0))
         eager = forward_hidden(distilled, x)
         compile_layers(distilled)
