@@ -89,10 +89,6 @@ class HypeNetConfig(TransformerConfig):
         if bad:
             raise ValueError(f"layer_pattern may only contain 'A' and 'L'/'D' (softmax attention and the RNN "
                              f"mixers Lightning / Gated DeltaNet); found {sorted(bad)} in {self.layer_pattern!r}")
-        if GATED_DELTA in self.layer_pattern and self.context_parallel_size > 1:
-            raise ValueError(f"Gated DeltaNet ('D') layers do not support context parallelism; layer_pattern "
-                             f"{self.layer_pattern!r} with --context-parallel-size {self.context_parallel_size}: "
-                             f"use context parallel size 1 or Lightning ('L') layers")
         if self.lightning_num_heads is None:
             self.lightning_num_heads = self.num_attention_heads
         if self.lightning_head_dim is None:

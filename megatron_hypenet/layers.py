@@ -173,6 +173,33 @@ def cp_lightning_attention(q, k, v, slopes, scale):
     return (o.to(m.dtype) + scale * torch.einsum("bthk,bhkv->bthv", q_decayed, s_in)).to(o.dtype)
 
 
+def cp_gated_delta_rule(q, k, v, g, beta, scale):
+    """Gated DeltaNet over consecutive sequence chunks on the CP group, [b, t, h, d]; o in v's dtype.
+
+    A chunk is affine in the state S that enters it: it leaves M S + S0 and outputs o0_t + scale q_t^T M_t S,
+    where M_t is the product of its first t transitions a (I - b k k^T). One run from the state [0 | I] on
+    the values [v | 0] yields all of them: the value columns give o0 and S0, the identity columns
+    scale q_t^T M_t and M. Ranks share (S0, M) and each chains the earlier ranks' into its entering state.
+    """
+    group = _cp_group()
+    if group is None:
+        return gated_delta_rule(q, k, v, g, beta, scale=scale)[0]
+    b, t, h, dk = k.shape
+    dv = v.shape[-1]
+    eye = torch.eye(dk, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    start = torch.cat([eye.new_zeros(b, h, dk, dv), eye.expand(b, h, dk, dk)], -1)
+    # fp32 values make the op return fp32 outputs: q_t^T M_t is multiplied by a state before any rounding
+    values = torch.cat([v.to(eye.dtype), v.new_zeros(b, t, h, dk, dtype=eye.dtype)], -1)
+    o, final = gated_delta_rule(q, k, values, g, beta, scale=scale, initial_state=start, output_final_state=True)
+    finals = gather_stack(final, group)  # [cp, b, h, dk, dv + dk]: (S0 | M) of every rank
+    s_in = final.new_zeros(b, h, dk, dv)
+    for j in range(finals.shape[0]):
+        # ranks at or after this one are chained in with weight 0 (see cp_lightning_attention)
+        keep = float(j < group.rank())
+        s_in = s_in + keep * (finals[j, ..., dv:] @ s_in + finals[j, ..., :dv] - s_in)
+    return (o[..., :dv] + torch.einsum("bthk,bhkv->bthv", o[..., dv:], s_in)).to(v.dtype)
+
+
 def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Causal depthwise conv over time; x [s, b, c], weight [c, 1, K]. Under context parallelism the
     window reaches back into the previous rank's chunk, so its last K-1 inputs replace the zero padding."""
@@ -426,7 +453,7 @@ class GatedDeltaNet(RNNMixer):
 
     g_t = log a_t = -exp(A_log) * softplus(linear_a(x_t) + dt_bias) and b_t = sigmoid(linear_b(x_t)), one of
     each per head. Initialised so that a converted layer starts with Lightning's decay: linear_a and linear_b
-    zero (b = 1/2), A_log = log(slope_h), softplus(dt_bias) = 1. No context parallelism (config refuses it).
+    zero (b = 1/2), A_log = log(slope_h), softplus(dt_bias) = 1.
     """
 
     def __init__(self, config: HypeNetConfig, submodules: MixerSubmodules, layer_number: int, pg_collection=None,
@@ -450,5 +477,4 @@ class GatedDeltaNet(RNNMixer):
     def recurrence(self, q, k, v, a, b):
         a, b = a.transpose(0, 1).float(), b.transpose(0, 1).float()  # [b, t, h]
         g = -self.A_log.weight.float().exp() * F.softplus(a + self.dt_bias.weight.float())
-        o, _ = gated_delta_rule(q, k, v, g, torch.sigmoid(b), scale=self.scale)
-        return o
+        return cp_gated_delta_rule(q, k, v, g, torch.sigmoid(b), self.scale)

@@ -14,7 +14,7 @@ from helpers import model_logits as _logits
 from kernels import gated_delta_rule, gated_delta_rule_step, lightning_slopes
 from kernels.gated_delta import gated_delta_rule_recurrent_ref
 from megatron_hypenet import checkpoint, parallel
-from megatron_hypenet.config import make_config, model_description, read_model_description
+from megatron_hypenet.config import model_description, read_model_description
 from megatron_hypenet.convert import hf_to_mcore
 from megatron_hypenet.halo.init import init_student_from_teacher, load_hybrid
 from megatron_hypenet.qwen3_mapping import attention_to_lightning_qkv
@@ -173,12 +173,6 @@ def test_gated_deltanet_starts_from_attention_with_lightning_decay(work):
             assert torch.allclose(g, -lightning_slopes(desc["lightning_num_heads"]), rtol=1e-6)
 
 
-def test_context_parallel_is_refused_for_gated_deltanet():
-    with pytest.raises(ValueError, match="Gated DeltaNet .* do not support context parallelism"):
-        make_config(num_layers=2, hidden_size=64, num_attention_heads=4, layer_pattern="AD", context_parallel_size=2)
-    make_config(num_layers=2, hidden_size=64, num_attention_heads=4, layer_pattern="AL", context_parallel_size=2)
-
-
 @pytest.fixture(scope="module")
 def tp1_loss_grad(work):
     return worker(1, "loss_grad", str(work / "hybrid"), str(work / "lg1.pt"), tp=1)
@@ -194,6 +188,16 @@ def test_tp2_loss_and_grads_equal_tp1(work, tp1_loss_grad, sp):
     for key, norm in one["grads"].items():
         assert norm > 0 and math.isclose(norm, two["grads"][key], rel_tol=1e-4), (key, norm, two["grads"][key])
     assert math.isclose(float(one["grad_norm"]), float(two["grad_norm"]), rel_tol=1e-4)
+
+
+def test_cp3_loss_and_grads_equal_cp1(work, tp1_loss_grad):
+    """Context parallel over 3 ranks: the last rank's entering state chains both earlier ranks' (S0, M)."""
+    one = tp1_loss_grad
+    three = worker(3, "loss_grad", str(work / "hybrid"), str(work / "cp3.pt"), tp=1, cp=3)
+    assert abs(float(one["loss"]) - float(three["loss"])) <= 1e-5
+    assert set(one["grads"]) == set(three["grads"])
+    for key, norm in one["grads"].items():
+        assert math.isclose(norm, three["grads"][key], rel_tol=1e-4), (key, norm, three["grads"][key])
 
 
 def test_hf_export_logits_generate_and_round_trip(work):
