@@ -213,24 +213,38 @@ def test_selection_eps_defaults_to_a_tenth_of_the_general_spread():
     assert importance_scores([0.5, 0.0], [-1.0, -1.0]) == [0.0, 50.0]  # no spread: eps 1e-3
 
 
-def test_distill_with_context_parallel_matches_one_process(recipe_run, tmp_path):
-    """The trainer splits each sequence over 2 CP ranks (gloo); the loss curve equals the unsplit run's."""
+def _losses_at_cp1_and_cp2(run, tmp_path, *flags):
+    """A 3-step run of `pretrain_hypenet.py` at CP=1 and at CP=2 (gloo): the two loss curves."""
     from helpers import ROOT, torchrun
 
-    run, _ = recipe_run
-    ck = run / "checkpoints"
-    flags = ["--stage", "distill", "--teacher", ck / "teacher", "--load", ck / "align",
-             "--layer-pattern", ck / "select" / "layer_pattern.txt", "--data-path", run / "data" / "corpus",
-             "--tokenizer", run / "teacher_hf_init", "--seq-length", 128, "--micro-batch-size", 2,
-             "--split", "90,10,0", "--train-iters", 3, "--lr", 1e-3, "--no-progress"]
-    losses = {}
+    common = ["--data-path", run / "data" / "corpus", "--tokenizer", run / "teacher_hf_init", "--seq-length", 128,
+              "--micro-batch-size", 2, "--split", "90,10,0", "--train-iters", 3, "--lr", 1e-3, "--no-progress"]
+    losses = []
     for cp in (1, 2):
         save = tmp_path / f"cp{cp}"
-        torchrun(cp, os.path.join(ROOT, "pretrain_hypenet.py"), *flags, "--save", save,
+        torchrun(cp, os.path.join(ROOT, "pretrain_hypenet.py"), *flags, *common, "--save", save,
                  "--context-parallel-size", cp)
-        losses[cp] = _losses(save)
-    assert len(losses[1]) == 3
-    assert losses[2] == pytest.approx(losses[1], abs=1e-5)
+        losses.append(_losses(save))
+    return losses
+
+
+def test_distill_with_context_parallel_matches_one_process(recipe_run, tmp_path):
+    """The trainer splits each sequence over 2 CP ranks (gloo); the loss curve equals the unsplit run's."""
+    run, _ = recipe_run
+    ck = run / "checkpoints"
+    one, two = _losses_at_cp1_and_cp2(run, tmp_path, "--stage", "distill", "--teacher", ck / "teacher",
+                                      "--load", ck / "align", "--layer-pattern", ck / "select" / "layer_pattern.txt")
+    assert len(one) == 3
+    assert two == pytest.approx(one, abs=1e-5)
+
+
+def test_gated_deltanet_align_with_context_parallel_matches_one_process(recipe_run, tmp_path):
+    """Align of Gated DeltaNet layers (short convs too) with each sequence split over 2 CP ranks."""
+    run, _ = recipe_run
+    one, two = _losses_at_cp1_and_cp2(run, tmp_path, "--stage", "align", "--teacher", run / "checkpoints" / "teacher",
+                                      "--rnn-mixer", "gated_deltanet", "--lightning-short-conv")
+    assert len(one) == 3
+    assert two == pytest.approx(one, abs=1e-5)
 
 
 def test_attention_twins_align_and_start_distill(recipe_run, tmp_path):
