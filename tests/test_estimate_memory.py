@@ -9,8 +9,8 @@ from megatron_hypenet.config import make_config
 from megatron_hypenet.halo.stages import forward_hidden
 from megatron_hypenet.model import build_model
 from tools.estimate_memory import (
-    GiB, PRESETS, TINY_SHAPE, Layout, Student, config_fields, estimate, layer_activation_bytes, main,
-    stage_params, total_params,
+    GATED_DELTA_CHUNK, GiB, PRESETS, TINY_SHAPE, Layout, Student, config_fields, estimate, layer_activation_bytes,
+    main, stage_params, total_params,
 )
 
 # Activations: saved-tensor bytes of our layers (CPU, bf16 autocast) over the estimate stay within this factor.
@@ -82,16 +82,22 @@ def _saved_bytes(model, seq):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("mixer", ["A", "L"])
-def test_activation_model_matches_saved_tensors(mixer):
-    shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=4, num_query_groups=2, kv_channels=64,
-                 ffn_hidden_size=768, num_layers=2)
+@pytest.mark.parametrize("mixer, head_dim", [("A", 64), ("L", 64), ("D", 64), ("D", 32), ("D", 128)])
+def test_activation_model_matches_saved_tensors(mixer, head_dim):
+    shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
+                 kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
     model = _model(shape, mixer * 2)
     # the slope between two lengths drops what does not grow with the sequence (weights, casts)
     measured = (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2
     est = (layer_activation_bytes(shape, mixer, Student(), Layout(), 512, 512)
            - layer_activation_bytes(shape, mixer, Student(), Layout(), 256, 256))
     assert 1 / ACTIVATION_FACTOR < measured / est < ACTIVATION_FACTOR, (measured, est)
+
+
+def test_gated_delta_chunk_is_the_kernels():
+    from kernels.gated_delta.chunk import CHUNK
+
+    assert GATED_DELTA_CHUNK == CHUNK
 
 
 def test_presets_have_the_published_sizes():

@@ -23,6 +23,11 @@ of what the trainer keeps, in bytes:
                 fp32 residual stream (tests compare with the saved tensors of a built model):
                   attention  20 h + 16 H D + 6 G D + 8 f
                   Lightning  22 h + 36 H D + 8 f, plus the kernel's fp32 block states 4 H D^2 / 64
+                  Gated DeltaNet  Lightning's, plus 44 H D + 18.4 H C + 2 H D^2 / C for its chunked
+                             form (chunks of C = 64 tokens: the WY factors, the [C, C] decay and score
+                             blocks, the per-chunk states), fitted to the saved tensors of its PyTorch
+                             chunk path at head dims 16-128 (exact there); under CP its recurrence runs D
+                             value columns wider (docs/parallelism.md), which is not counted
                 where h = hidden, H/G = query/KV heads of head size D, f = FFN; under TP every
                 head and FFN term is / TP and the h terms too with sequence parallelism.
                 Under CP the attention layers also keep the all-gathered K and V (H heads, the full
@@ -58,6 +63,8 @@ from typing import Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script from a checkout
 
 from megatron_hypenet.patterns import default_num_attention_layers, evenly_spaced  # noqa: E402  (plain Python)
+
+GATED_DELTA_CHUNK = 64  # kernels/gated_delta/chunk.py's CHUNK (that module needs torch; this one does not)
 
 GiB = 2**30
 
@@ -210,6 +217,9 @@ def layer_activation_bytes(shape: dict, mixer: str, st: Student, lay: Layout, s_
         return per_token * s_local + extra
     H, D = _heads(shape, st)
     core = 2 * 3 * H * D + 2 * H * D if selective else 36 * H * D + 4 * H * D * D / 64
+    if mixer == "D" and not selective:
+        C = GATED_DELTA_CHUNK
+        core += 44 * H * D + 18.4 * H * C + 2 * H * D * D / C
     per_token = 22 * hs + (core + 8 * f) / t
     return per_token * s_local
 
