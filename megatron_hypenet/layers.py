@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from kernels import gated_delta_rule, lightning_attention, lightning_slopes
+from kernels.gated_delta import entering_state, gated_delta_rule_affine
 
 from .config import HypeNetConfig
 
@@ -175,29 +176,16 @@ def cp_lightning_attention(q, k, v, slopes, scale):
 
 def cp_gated_delta_rule(q, k, v, g, beta, scale):
     """Gated DeltaNet over consecutive sequence chunks on the CP group, [b, t, h, d]; o in v's dtype.
-
-    A chunk is affine in the state S that enters it: it leaves M S + S0 and outputs o0_t + scale q_t^T M_t S,
-    where M_t is the product of its first t transitions a (I - b k k^T). One run from the state [0 | I] on
-    the values [v | 0] yields all of them: the value columns give o0 and S0, the identity columns
-    scale q_t^T M_t and M. Ranks share (S0, M) and each chains the earlier ranks' into its entering state.
-    """
+    Each rank runs its chunk as an affine function of its entering state (gated_delta_rule_affine), the
+    ranks share their (S0, M), and each chains the earlier ranks' into its entering state. Exact."""
     group = _cp_group()
     if group is None:
         return gated_delta_rule(q, k, v, g, beta, scale=scale)[0]
-    b, t, h, dk = k.shape
+    o0, q_m, s0, m = gated_delta_rule_affine(q, k, v, g, beta, scale)
     dv = v.shape[-1]
-    eye = torch.eye(dk, device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
-    start = torch.cat([eye.new_zeros(b, h, dk, dv), eye.expand(b, h, dk, dk)], -1)
-    # fp32 values make the op return fp32 outputs: q_t^T M_t is multiplied by a state before any rounding
-    values = torch.cat([v.to(eye.dtype), v.new_zeros(b, t, h, dk, dtype=eye.dtype)], -1)
-    o, final = gated_delta_rule(q, k, values, g, beta, scale=scale, initial_state=start, output_final_state=True)
-    finals = gather_stack(final, group)  # [cp, b, h, dk, dv + dk]: (S0 | M) of every rank
-    s_in = final.new_zeros(b, h, dk, dv)
-    for j in range(finals.shape[0]):
-        # ranks at or after this one are chained in with weight 0 (see cp_lightning_attention)
-        keep = float(j < group.rank())
-        s_in = s_in + keep * (finals[j, ..., dv:] @ s_in + finals[j, ..., :dv] - s_in)
-    return (o[..., :dv] + torch.einsum("bthk,bhkv->bthv", o[..., dv:], s_in)).to(v.dtype)
+    finals = gather_stack(torch.cat([s0, m], -1), group)  # one collective (see cp_attention)
+    s_in = entering_state(finals[..., :dv], finals[..., dv:], group.rank())
+    return (o0 + torch.einsum("bthk,bhkv->bthv", q_m, s_in)).to(v.dtype)
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

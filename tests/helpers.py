@@ -66,6 +66,21 @@ def check_fwd_bwd(outs, ref_outs, leaves, ref_leaves, names, tol, generator) -> 
         assert rel_err(x.grad, rx.grad) < tol, name
 
 
+def gated_delta_in_pieces(q, k, v, g, beta, scale, pieces: int):
+    """The Gated DeltaNet op over `pieces` consecutive pieces of the sequence, each run on its own from zero
+    and joined as context parallel ranks join them (gated_delta_rule_affine, entering_state), in one
+    process: (o, final state), to compare with one run over the whole sequence."""
+    from kernels.gated_delta import entering_state, gated_delta_rule_affine
+
+    runs = [gated_delta_rule_affine(*(x.chunk(pieces, 1)[i] for x in (q, k, v, g, beta)), scale)
+            for i in range(pieces)]
+    S0, M = (torch.stack([run[i] for run in runs]) for i in (2, 3))
+    outs = []
+    for i, (o0, q_m, _, _) in enumerate(runs):
+        outs.append(o0 + torch.einsum("bthk,bhkv->bthv", q_m, entering_state(S0, M, i)))
+    return torch.cat(outs, 1).to(v.dtype), entering_state(S0, M, pieces)
+
+
 def make_distill_work(root, pattern: str = "ALLA"):
     """A tiny teacher with tied embeddings, a `pattern` student initialised from it (which `--stage distill
     --load <root>/hybrid` loads as is), a tokenizer and preprocessed data, all under `root`."""

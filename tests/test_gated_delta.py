@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from helpers import build_from_desc as _build
 from helpers import load_model as _load
-from helpers import check_hf_export, make_distill_work, perturb_norms, worker
+from helpers import check_hf_export, gated_delta_in_pieces, make_distill_work, perturb_norms, worker
 from helpers import model_logits as _logits
 from kernels import gated_delta_rule, gated_delta_rule_step, lightning_slopes
 from kernels.gated_delta import gated_delta_rule_recurrent_ref
@@ -95,6 +95,24 @@ def test_packed_sequences_restart_the_state():
         ref_o, ref_s = gated_delta_rule_recurrent_ref(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
                                                       initial_state=h0[n : n + 1], output_final_state=True)
         assert (o[:, s:e] - ref_o).abs().max() <= 1e-10 and (final[n : n + 1] - ref_s).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("T, pieces", [(96, 3), (200, 4)])  # pieces of 32 tokens (under one chunk) and of 50
+def test_pieces_joined_as_context_parallel_ranks_equal_one_run(T, pieces):
+    """Each piece run from zero as an affine function of its entering state, then chained: the outputs,
+    final state and gradients of one run over the whole sequence (float64)."""
+    leaves = _inputs(2, T, 3, 16, 8)[:5]
+    w = torch.Generator().manual_seed(9)
+    results = []
+    for run in (lambda *x: gated_delta_rule(*x, scale=0.7, output_final_state=True),
+                lambda *x: gated_delta_in_pieces(*x, 0.7, pieces)):
+        o, final = run(*leaves)
+        w.manual_seed(9)
+        loss = (o * torch.randn(o.shape, generator=w, dtype=o.dtype)).sum() + \
+            (final * torch.randn(final.shape, generator=w, dtype=final.dtype)).sum()
+        results.append([o, final, *torch.autograd.grad(loss, leaves)])
+    for name, a, b in zip(["o", "final", "q", "k", "v", "g", "beta"], *results):
+        assert (a - b).abs().max() <= 1e-10 * max(1.0, b.abs().max().item()), name
 
 
 def test_decode_steps_match_the_reference():

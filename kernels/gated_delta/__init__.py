@@ -16,6 +16,34 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
                                   chunk_loop=_triton_chunk_loop(q))
 
 
+def gated_delta_rule_affine(q, k, v, g, beta, scale=None):
+    """The op as a function of the state S entering the sequence (context parallelism runs it per rank):
+    (o0, qM, S0, M) with outputs o0 + qM @ S and final state M @ S + S0. M_t, the product of the first t
+    transitions a (I - b k k^T), is what a run from the state [0 | I] on the values [v | 0] carries in its
+    identity columns, so one run gives all four: o0 ``[B, T, H, Dv]`` and qM ``[B, T, H, Dk]`` (fp32, so
+    that qM meets S before any rounding), S0 ``[B, H, Dk, Dv]`` and M ``[B, H, Dk, Dk]``."""
+    B, T, H, Dk = k.shape
+    Dv = v.shape[-1]
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    eye = torch.eye(Dk, device=q.device, dtype=ct).expand(B, H, Dk, Dk)
+    start = torch.cat([eye.new_zeros(B, H, Dk, Dv), eye], -1)
+    values = torch.cat([v.to(ct), v.new_zeros(B, T, H, Dk, dtype=ct)], -1)
+    o, final = gated_delta_rule(q, k, values, g, beta, scale, initial_state=start, output_final_state=True)
+    return o[..., :Dv], o[..., Dv:], final[..., :Dv], final[..., Dv:]
+
+
+def entering_state(S0, M, index):
+    """The state entering sequence piece ``index`` of consecutive pieces that each started from zero, from
+    their stacked ``S0`` ``[P, B, H, Dk, Dv]`` and ``M`` ``[P, B, H, Dk, Dk]`` (gated_delta_rule_affine):
+    S_{j+1} = M_j S_j + S0_j from S_0 = 0. Pieces at or after ``index`` enter with weight 0 rather than being
+    left out, so every piece is in the autograd graph (an all-gather's backward must run on every rank)."""
+    S = torch.zeros_like(S0[0])
+    for j in range(S0.shape[0]):
+        keep = float(j < index)
+        S = S + keep * (M[j] @ S + S0[j] - S)
+    return S
+
+
 # HYPENET_GATED_DELTA_LOOP=pytorch keeps chunk.py's PyTorch loop on CUDA too: a way around a Triton build that
 # miscompiles the kernel (as fla's gated kernels are on triton 3.6 + Hopper) without changing code
 LOOP_ENV = "HYPENET_GATED_DELTA_LOOP"

@@ -8,7 +8,7 @@ Targets: ||out - ref|| / ||ref|| <= 1e-2 for bf16/fp16, <= 1e-3 for fp32; NaN ne
 import pytest
 import torch
 
-from helpers import check_fwd_bwd, poison_kernel_buffers, rel_err
+from helpers import check_fwd_bwd, gated_delta_in_pieces, poison_kernel_buffers, rel_err
 from kernels.lightning import lightning_attention, lightning_attention_step
 from kernels.lightning.naive import lightning_attention_chunk_ref, lightning_attention_step_ref, lightning_slopes
 
@@ -143,3 +143,22 @@ def test_gated_delta_rule_on_cuda_matches_float64(name):
     ro, rht = chunk_gated_delta_rule(*refs[:5], None, refs[5] if with_h0 else None, True)
     assert o.dtype == dtype and ht.dtype == torch.float32
     check_fwd_bwd([o, ht], [ro, rht], leaves, refs, "q k v g beta h0".split(), TOL[dtype], g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gated_delta_pieces_joined_as_context_parallel_ranks_on_cuda(dtype):
+    """Context parallel's form on the Triton loop (values and state Dk columns wider): 4 pieces of issue #7's
+    layer joined as CP ranks join them, against one float64 run over the whole sequence."""
+    from kernels.gated_delta import chunk_gated_delta_rule
+
+    B, T, H, D, dev = 2, 1024, 10, 64, "cuda"
+    g = torch.Generator(device=dev).manual_seed(8)
+    q, k, v = (torch.randn(B, T, H, D, device=dev, generator=g).to(dtype) for _ in range(3))
+    gate = -lightning_slopes(H).to(dev) * torch.nn.functional.softplus(torch.randn(B, T, H, device=dev, generator=g))
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev, generator=g))
+    leaves = [x.requires_grad_(True) for x in (q, k, v, gate, beta)]
+    o, ht = gated_delta_in_pieces(*leaves, None, 4)
+    refs = [x.detach().double().requires_grad_(True) for x in leaves]
+    ro, rht = chunk_gated_delta_rule(*refs, None, None, True)
+    assert o.dtype == dtype
+    check_fwd_bwd([o, ht], [ro, rht], leaves, refs, "q k v g beta".split(), TOL[dtype], g)
