@@ -25,9 +25,9 @@ of what the trainer keeps, in bytes:
                   Lightning  22 h + 36 H D + 8 f, plus the kernel's fp32 block states 4 H D^2 / 64
                   Gated DeltaNet  Lightning's, plus 44 H D + 18.4 H C + 2 H D^2 / C for its chunked
                              form (chunks of C = 64 tokens: the WY factors, the [C, C] decay and score
-                             blocks, the per-chunk states), fitted to the saved tensors of its PyTorch
-                             chunk path at head dims 16-128 (exact there); under CP its recurrence runs D
-                             value columns wider (docs/parallelism.md), which is not counted
+                             blocks, the per-chunk states): what its layers save beyond Lightning's on the
+                             PyTorch chunk path, fitted at head dims 16-128; under CP its recurrence runs
+                             D value columns wider (docs/parallelism.md), which is not counted
                 where h = hidden, H/G = query/KV heads of head size D, f = FFN; under TP every
                 head and FFN term is / TP and the h terms too with sequence parallelism.
                 Under CP the attention layers also keep the all-gathered K and V (H heads, the full
