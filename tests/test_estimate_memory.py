@@ -94,6 +94,35 @@ def test_activation_model_matches_saved_tensors(mixer, head_dim):
     assert 1 / ACTIVATION_FACTOR < measured / est < ACTIVATION_FACTOR, (measured, est)
 
 
+class _FirstOfTwoRanks:
+    """Stands in for the context-parallel group of rank 0 of 2 in one process: the layer runs its CP path."""
+
+    def rank(self):
+        return 0
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_gated_delta_context_parallel_term_matches_saved_tensors(monkeypatch, head_dim):
+    """What a D layer saves more on a CP rank (the affine chunk, layers.cp_gated_delta_rule) is the
+    estimator's CP term."""
+    from megatron_hypenet import layers
+
+    shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
+                 kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
+    model = _model(shape, "DD")
+    slope = lambda: (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2  # noqa: E731
+    one = slope()
+    monkeypatch.setattr(layers, "_cp_group", _FirstOfTwoRanks)
+    monkeypatch.setattr(layers, "gather_stack", lambda x, group: torch.stack([x, x]))
+    measured = slope() - one
+
+    def est(lay):
+        return (layer_activation_bytes(shape, "D", Student(), lay, 512, 1024)
+                - layer_activation_bytes(shape, "D", Student(), lay, 256, 512))
+
+    assert measured / (est(Layout(cp=2)) - est(Layout())) == pytest.approx(1, abs=0.05), measured
+
+
 def test_gated_delta_chunk_is_the_kernels():
     from kernels.gated_delta.chunk import CHUNK
 

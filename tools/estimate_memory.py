@@ -26,8 +26,9 @@ of what the trainer keeps, in bytes:
                   Gated DeltaNet  Lightning's, plus 44 H D + 18.4 H C + 2 H D^2 / C for its chunked
                              form (chunks of C = 64 tokens: the WY factors, the [C, C] decay and score
                              blocks, the per-chunk states): what its layers save beyond Lightning's on the
-                             PyTorch chunk path, fitted at head dims 16-128; under CP its recurrence runs
-                             D value columns wider (docs/parallelism.md), which is not counted
+                             PyTorch chunk path, fitted at head dims 16-128; under CP the chunk also
+                             runs as an affine map of its entering state, D value columns wider
+                             (docs/parallelism.md): another 14 H D + 4 H D^2 / C
                 where h = hidden, H/G = query/KV heads of head size D, f = FFN; under TP every
                 head and FFN term is / TP and the h terms too with sequence parallelism.
                 Under CP the attention layers also keep the all-gathered K and V (H heads, the full
@@ -220,6 +221,8 @@ def layer_activation_bytes(shape: dict, mixer: str, st: Student, lay: Layout, s_
     if mixer == "D" and not selective:
         C = GATED_DELTA_CHUNK
         core += 44 * H * D + 18.4 * H * C + 2 * H * D * D / C
+        if lay.cp > 1:  # gated_delta_rule_affine: the recurrence over [v | 0], and q M for the entering state
+            core += 14 * H * D + 4 * H * D * D / C
     per_token = 22 * hs + (core + 8 * f) / t
     return per_token * s_local
 
