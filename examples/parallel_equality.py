@@ -3,6 +3,7 @@ give the loss curve of the one-GPU run, and a checkpoint saved at one layout loa
 
     python examples/parallel_equality.py --out parallel_equality.json            # GPUs (NCCL, bf16), 4 GPUs
     python examples/parallel_equality.py --cpu --out parallel_equality.json      # gloo, fp32, 2 processes
+    python examples/parallel_equality.py --rnn-mixer gated_deltanet ...          # Gated DeltaNet layers ("DADD")
 
 Everything is made here (no downloads): a tiny Qwen3 teacher on a generated corpus, converted, aligned
 for a few steps at one process. Then `pretrain_hypenet.py --stage distill` runs through torchrun at
@@ -35,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 TOLERANCE = {"cpu": {"step1": 1e-5, "curve": 5e-3}, "gpu": {"step1": 2e-2, "curve": 5e-2}}
-LAYER_PATTERN = "LALL"
+LAYER_PATTERN = {"lightning": "LALL", "gated_deltanet": "DADD"}
 # name: (processes, flags); the distributed optimizer shards over data parallel ranks only.
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
@@ -83,7 +84,7 @@ def curve_diff(losses_: list, ref: list) -> float:
     return max(abs(x - y) for x, y in zip(losses_, ref)) / ref[0]
 
 
-def prepare(work: str, common: list) -> dict:
+def prepare(work: str, common: list, rnn_mixer: str) -> dict:
     """Tiny teacher, data, converted teacher and a short align run (one process)."""
     from megatron_hypenet.convert import hf_to_mcore
     from megatron_hypenet.recipe import _prepare_teacher_and_data
@@ -93,7 +94,7 @@ def prepare(work: str, common: list) -> dict:
     if not os.path.exists(os.path.join(teacher, "latest_checkpointed_iteration.txt")):
         hf_to_mcore(teacher_hf, teacher)
     data = ["--data-path", prefix, "--tokenizer", teacher_hf]
-    align = os.path.join(work, "align")
+    align = os.path.join(work, f"align_{rnn_mixer}")
     if not os.path.exists(os.path.join(align, "metrics.jsonl")):
         torchrun(1, ["--stage", "align", "--teacher", teacher, "--save", align, "--train-iters", 5, "--lr", 3e-3,
                      *data, *common], os.path.join(work, "align.log"))
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="gloo and fp32 on CPU, the 2-process layouts")
     p.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=None)
+    p.add_argument("--rnn-mixer", choices=sorted(LAYER_PATTERN), default="lightning")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--work-dir", default=None, help="default: a temporary folder")
     p.add_argument("--out", help="write the results as JSON here")
@@ -116,10 +118,11 @@ def main(argv=None) -> int:
     work = args.work_dir or tempfile.mkdtemp(prefix="parallel_equality_")
     os.makedirs(work, exist_ok=True)
     common = ["--seq-length", 128, "--micro-batch-size", 2, "--global-batch-size", 4, "--split", "90,10,0",
-              "--lr-decay-style", "constant", "--no-progress", "--eval-iters", 1] + ([] if args.cpu else ["--bf16"])
-    made = prepare(work, common)
+              "--lr-decay-style", "constant", "--no-progress", "--eval-iters", 1,
+              "--rnn-mixer", args.rnn_mixer] + ([] if args.cpu else ["--bf16"])
+    made = prepare(work, common, args.rnn_mixer)
     distill = ["--stage", "distill", "--teacher", made["teacher"], "--load", made["align"], "--layer-pattern",
-               LAYER_PATTERN, "--train-iters", args.steps, "--lr", 1e-3, *made["data"], *common]
+               LAYER_PATTERN[args.rnn_mixer], "--train-iters", args.steps, "--lr", 1e-3, *made["data"], *common]
 
     def finetune_loss(load: str, name: str, nproc: int, flags: list) -> float:
         save = os.path.join(work, f"finetune_{name}")
@@ -154,8 +157,9 @@ def main(argv=None) -> int:
             row["pass"] = False
         rows.append(row)
 
-    print(f"\n{kind}: {args.steps} distill steps, reference = 1 process; |loss - reference| / reference step-1 "
-          f"loss, tolerances {tol}; checkpoint = first finetune loss of a checkpoint loaded at another layout\n")
+    print(f"\n{kind}, {LAYER_PATTERN[args.rnn_mixer]}: {args.steps} distill steps, reference = 1 process; "
+          f"|loss - reference| / reference step-1 loss, tolerances {tol}; checkpoint = first finetune loss of a "
+          f"checkpoint loaded at another layout\n")
     print("| layout | processes | step 1 (loss, grad norm) | curve (max) | checkpoint | result |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
                   f"{r['ckpt_diff']:.1e} | {'pass' if r['pass'] else 'FAIL'} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"kind": kind, "tolerance": tol, "steps": args.steps, "reference": ref,
+            json.dump({"kind": kind, "layer_pattern": LAYER_PATTERN[args.rnn_mixer], "tolerance": tol,
+                       "steps": args.steps, "reference": ref,
                        "reference_ckpt_loss": ref_ckpt, "rows": rows, "work_dir": work}, f, indent=2)
     return 0 if all(r["pass"] for r in rows) else 1
 
