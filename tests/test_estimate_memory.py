@@ -110,11 +110,14 @@ def test_gated_delta_context_parallel_term_matches_saved_tensors(monkeypatch, he
     shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
                  kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
     model = _model(shape, "DD")
-    slope = lambda: (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2  # noqa: E731
-    one = slope()
+
+    def per_layer_slope():
+        return (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2
+
+    one = per_layer_slope()
     monkeypatch.setattr(layers, "_cp_group", _FirstOfTwoRanks)
     monkeypatch.setattr(layers, "gather_stack", lambda x, group: torch.stack([x, x]))
-    measured = slope() - one
+    measured = per_layer_slope() - one
 
     def est(lay):
         return (layer_activation_bytes(shape, "D", Student(), lay, 512, 1024)
