@@ -97,7 +97,7 @@ def prepare(work: str, common: list, rnn_mixer: str) -> dict:
     align = os.path.join(work, f"align_{rnn_mixer}")
     if not os.path.exists(os.path.join(align, "metrics.jsonl")):
         torchrun(1, ["--stage", "align", "--teacher", teacher, "--save", align, "--train-iters", 5, "--lr", 3e-3,
-                     *data, *common], os.path.join(work, "align.log"))
+                     *data, *common], align + ".log")
     return {"teacher": teacher, "align": align, "data": data}
 
 

@@ -82,15 +82,28 @@ def _saved_bytes(model, seq):
     return sum(seen.values())
 
 
+def _two_layer_shape(head_dim):
+    return dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
+                kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
+
+
+def _saved_slope(model):
+    """Saved bytes per layer, 512 tokens less 256: the slope drops what does not grow with the sequence
+    (weights, casts)."""
+    return (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2
+
+
+def _estimated_slope(shape, mixer, lay):
+    """The estimator's bytes for one layer, the rank's 512 tokens less 256 (of CP times as many in all)."""
+    return (layer_activation_bytes(shape, mixer, Student(), lay, 512, 512 * lay.cp)
+            - layer_activation_bytes(shape, mixer, Student(), lay, 256, 256 * lay.cp))
+
+
 @pytest.mark.parametrize("mixer, head_dim", [("A", 64), ("L", 64), ("D", 64), ("D", 32), ("D", 128)])
 def test_activation_model_matches_saved_tensors(mixer, head_dim):
-    shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
-                 kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
-    model = _model(shape, mixer * 2)
-    # the slope between two lengths drops what does not grow with the sequence (weights, casts)
-    measured = (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2
-    est = (layer_activation_bytes(shape, mixer, Student(), Layout(), 512, 512)
-           - layer_activation_bytes(shape, mixer, Student(), Layout(), 256, 256))
+    shape = _two_layer_shape(head_dim)
+    measured = _saved_slope(_model(shape, mixer * 2))
+    est = _estimated_slope(shape, mixer, Layout())
     assert 1 / ACTIVATION_FACTOR < measured / est < ACTIVATION_FACTOR, (measured, est)
 
 
@@ -107,23 +120,14 @@ def test_gated_delta_context_parallel_term_matches_saved_tensors(monkeypatch, he
     estimator's CP term."""
     from megatron_hypenet import layers
 
-    shape = dict(TINY_SHAPE, hidden_size=256, num_attention_heads=256 // head_dim, num_query_groups=128 // head_dim,
-                 kv_channels=head_dim, ffn_hidden_size=768, num_layers=2)
+    shape = _two_layer_shape(head_dim)
     model = _model(shape, "DD")
-
-    def per_layer_slope():
-        return (_saved_bytes(model, 512) - _saved_bytes(model, 256)) / 2
-
-    one = per_layer_slope()
+    one = _saved_slope(model)
     monkeypatch.setattr(layers, "_cp_group", _FirstOfTwoRanks)
     monkeypatch.setattr(layers, "gather_stack", lambda x, group: torch.stack([x, x]))
-    measured = per_layer_slope() - one
-
-    def est(lay):
-        return (layer_activation_bytes(shape, "D", Student(), lay, 512, 1024)
-                - layer_activation_bytes(shape, "D", Student(), lay, 256, 512))
-
-    assert measured / (est(Layout(cp=2)) - est(Layout())) == pytest.approx(1, abs=0.05), measured
+    measured = _saved_slope(model) - one
+    est = _estimated_slope(shape, "D", Layout(cp=2)) - _estimated_slope(shape, "D", Layout())
+    assert measured / est == pytest.approx(1, abs=0.05), (measured, est)
 
 
 def test_gated_delta_chunk_is_the_kernels():
