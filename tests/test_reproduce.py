@@ -319,13 +319,25 @@ def test_added_report_joins_the_page(smoke, tmp_path):
     for key in PER_MODEL + PER_STAGE:
         assert merged[key] == report[key], key
     assert merged["long_loss"] == report["long_loss"] and merged["commands"] == report["commands"]
-    assert merged["added"] == [{"command": extra["command"], "date": report["date"], "models": ["even_spacing"]}]
+    assert merged["added"] == [{"command": extra["command"], "date": report["date"], "models": ["even_spacing"],
+                                "ablation_workers": report["ablation_workers"]}]
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "extra.json").write_text(json.dumps(extra))
     main([str(tmp_path / "base.json"), "--add", str(tmp_path / "extra.json"), "--out", str(tmp_path / "page.md")])
     page = (tmp_path / "page.md").read_text()
     assert "- added: even_spacing by `python tools/halo.py --recipe later.yaml`" in page
     assert "| even_spacing |" in page
+    # the added run's own workers: its models trained beside each other after the main student, not beside it
+    names = [m for m in report["models"] if m not in (TEACHER, STUDENT)][-2:]
+    first = copy.deepcopy(report)
+    for key in PER_MODEL + PER_STAGE:
+        first[key] = {k: v for k, v in first[key].items() if k.split("/")[0] not in names}
+    for name in names:
+        del first["long_loss"]["window_loss"][name]
+    text = markdown(merge_reports(first, {**extra, "ablation_workers": 4}))
+    assert f"{', '.join(names)} (added) trained up to 2 at a time, after the main student" in text
+    beside = min(report["ablation_workers"], len(report["ablations"]) - 2)
+    assert (f"The ablations trained up to {beside} at a time beside" in text) == (beside > 1)
     other = copy.deepcopy(extra)
     other["models"][STUDENT]["valid_loss"] += 0.1
     with pytest.raises(ValueError, match="not a later run in the same work folder"):
@@ -480,14 +492,15 @@ def test_decode_speed_wiring_on_cpu(smoke):
 
 # ---- the HALO stages' speed flags in a whole recipe ------------------------------------------------------
 
-FAST_GRAPHED = ("align", "distill", "finetune")
-FAST_COMPILED = ("distill",)
+# the HALO stages that examples/reproduce.yaml runs with --cuda-graph and with --compile (run 20)
+FAST_GRAPHED = tuple(s for s in HALO_STAGES if load_recipe(GPU)["stages"][s].get("cuda_graph"))
+FAST_COMPILED = tuple(s for s in HALO_STAGES if load_recipe(GPU)["stages"][s].get("compile"))
 
 
 @pytest.fixture(scope="module")
 def fast_smoke(tmp_path_factory):
-    """The smoke recipe with the speed flags that examples/reproduce.yaml's HALO stages would take: --compile in
-    distill, and on a GPU --cuda-graph in align, distill and finetune (it needs one); with Gated DeltaNet's
+    """The smoke recipe with the speed flags of examples/reproduce.yaml's HALO stages: --compile in distill, and
+    on a GPU --cuda-graph in align, distill and finetune (it needs one); with Gated DeltaNet's
     ablation and three workers. A worker trains stage after stage in one process, where compiled Gated DeltaNet
     layers once failed (test_compile.py, test_compiled_layers_take_another_stage_shape)."""
     root = tmp_path_factory.mktemp("reproduce_fast")
@@ -549,6 +562,8 @@ def test_gpu_recipe_sizes_and_budget():
         num_query_groups=spec["kv_heads"], kv_channels=spec["head_dim"], ffn_hidden_size=spec["ffn"],
         vocab_size=recipe["make_tiny_teacher"]["tokenizer_vocab_size"], tie_word_embeddings=spec["tie"])
     assert recipe["stages"]["pretrain"]["compile"]  # 2.04x on an H200 (docs/benchmarks.md)
+    # run 20 (docs/results.md) trained every model with these; fast_smoke checks the same flags end to end
+    assert (FAST_GRAPHED, FAST_COMPILED) == (("align", "distill", "finetune"), ("distill",))
     assert 1024 <= recipe["common"]["seq_length"] <= 2048 and recipe["common"]["bf16"]
     tokens = {stage: planned_tokens(recipe, stage) for stage in ("pretrain", *HALO_STAGES)}
     budget = halo_budget(tokens)

@@ -9,7 +9,7 @@ a hybrid student from it, then runs the trainer (`training.train`, what pretrain
 each stage and variant with the recipe's own stage options: align (attention twins), distill (student
 `LLLALLLAALLL`, run 18's selection) and finetune, micro-batch 2. Each variant is one flag set on the
 same stage, data and seed:
-    eager          the recipe's stage as it is
+    eager          the recipe's stage without its --cuda-graph and --compile
     cuda_graph     --cuda-graph
     compile        --compile (each decoder layer torch.compile'd)
     compile_graph  --compile --cuda-graph
@@ -91,7 +91,8 @@ def make_work(work: str, recipe: dict, tiny: bool) -> dict:
 def stage_options(recipe: dict, stage: str, paths: dict, save: str, iters: int, tiny: bool) -> dict:
     """The recipe's options of `stage` (pretrain_hypenet.py flags as keys), pointed at the benchmark's folders."""
     options = {**recipe["common"], **recipe["stages"][stage], "train_iters": iters, "save": save,
-               "data_path": paths["data"], "tokenizer": paths["hf"], "log_interval": 10 ** 6, "compile": False}
+               "data_path": paths["data"], "tokenizer": paths["hf"], "log_interval": 10 ** 6, "compile": False,
+               "cuda_graph": False}
     options["lr_warmup_iters"] = min(options.get("lr_warmup_iters", 0), iters // 2)
     if stage in ("align", "distill"):
         options["teacher"] = paths["teacher"]

@@ -362,10 +362,16 @@ def markdown(report: dict, plots_link: str = "results") -> str:
         share = f"{100 * count / teacher_tokens:.2f}" if teacher_tokens else "-"
         speed = _fmt(report["tokens_per_s"].get(key), ",.0f")
         lines.append(f"| {key} | {curve[-1][0]} | {count:,} | {share} | {speed} |")
-    at_once = min(report.get("ablation_workers", 1), len(report.get("ablations", {})))
+    later = {m for added in report.get("added", []) for m in added["models"]}
+    at_once = min(report.get("ablation_workers", 1), len(set(report.get("ablations", {})) - later))
     if at_once > 1:
         lines += ["", f"The ablations trained up to {at_once} at a time beside the main student's distill "
                       "and finetune, on the same device: those stages' tokens/s are shares of it."]
+    for added in report.get("added", []):
+        at_once = min(added.get("ablation_workers", 1), len(added["models"]))
+        if at_once > 1:
+            lines += ["", f"{', '.join(added['models'])} (added) trained up to {at_once} at a time, after the main "
+                          "student: their tokens/s are shares of the device too."]
     if budget.get("percent_of_teacher") is not None:
         percent = budget["percent_of_teacher"]
         lines += ["", f"HALO budget of the main run (align + distill + finetune): {budget['halo_tokens']:,} tokens = "
@@ -433,7 +439,8 @@ def merge_reports(report: dict, extra: dict) -> dict:
         merged["long_loss"].setdefault("window_loss", {}).update({m: v for m, v in windows.items() if m in new})
     merged["commands"] = report.get("commands", []) + [c for c in extra.get("commands", [])
                                                       if c not in report.get("commands", [])]
-    merged["added"] = report.get("added", []) + [{"command": extra["command"], "date": extra["date"], "models": new}]
+    merged["added"] = report.get("added", []) + [{"command": extra["command"], "date": extra["date"], "models": new,
+                                                  "ablation_workers": extra.get("ablation_workers", 1)}]
     return merged
 
 
