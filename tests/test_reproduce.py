@@ -304,16 +304,25 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
     assert "The ablations trained up to 3 at a time" in markdown(few)
 
 
+def _report_without(report, names):
+    """`report` as a run that did not train the ablations `names` (their models, stages and windows left out)."""
+    from tools.write_results import PER_MODEL, PER_STAGE
+
+    out = copy.deepcopy(report)
+    for key in PER_MODEL + PER_STAGE:
+        out[key] = {k: v for k, v in out[key].items() if k.split("/")[0] not in names}
+    for name in names:
+        del out["long_loss"]["window_loss"][name]
+    return out
+
+
 def test_added_report_joins_the_page(smoke, tmp_path):
     """write_results --add: a later run in the same work folder (here: the smoke report without even_spacing,
     then the full one) puts its new models on the page; a report of another run is refused."""
     from tools.write_results import PER_MODEL, PER_STAGE, main, merge_reports
 
     _, report, _ = smoke
-    base = copy.deepcopy(report)
-    for key in PER_MODEL + PER_STAGE:
-        base[key] = {k: v for k, v in base[key].items() if not k.startswith("even_spacing")}
-    del base["long_loss"]["window_loss"]["even_spacing"]
+    base = _report_without(report, ["even_spacing"])
     extra = {**copy.deepcopy(report), "command": "python tools/halo.py --recipe later.yaml"}
     merged = merge_reports(base, extra)
     for key in PER_MODEL + PER_STAGE:
@@ -329,12 +338,7 @@ def test_added_report_joins_the_page(smoke, tmp_path):
     assert "| even_spacing |" in page
     # the added run's own workers: its models trained beside each other after the main student, not beside it
     names = [m for m in report["models"] if m not in (TEACHER, STUDENT)][-2:]
-    first = copy.deepcopy(report)
-    for key in PER_MODEL + PER_STAGE:
-        first[key] = {k: v for k, v in first[key].items() if k.split("/")[0] not in names}
-    for name in names:
-        del first["long_loss"]["window_loss"][name]
-    text = markdown(merge_reports(first, {**extra, "ablation_workers": 4}))
+    text = markdown(merge_reports(_report_without(report, names), {**extra, "ablation_workers": 4}))
     assert f"{', '.join(names)} (added) trained up to 2 at a time, after the main student" in text
     beside = min(report["ablation_workers"], len(report["ablations"]) - 2)
     assert (f"The ablations trained up to {beside} at a time beside" in text) == (beside > 1)
@@ -493,8 +497,9 @@ def test_decode_speed_wiring_on_cpu(smoke):
 # ---- the HALO stages' speed flags in a whole recipe ------------------------------------------------------
 
 # the HALO stages that examples/reproduce.yaml runs with --cuda-graph and with --compile (run 20)
-FAST_GRAPHED = tuple(s for s in HALO_STAGES if load_recipe(GPU)["stages"][s].get("cuda_graph"))
-FAST_COMPILED = tuple(s for s in HALO_STAGES if load_recipe(GPU)["stages"][s].get("compile"))
+GPU_STAGES = load_recipe(GPU)["stages"]
+FAST_GRAPHED = tuple(s for s in HALO_STAGES if GPU_STAGES[s].get("cuda_graph"))
+FAST_COMPILED = tuple(s for s in HALO_STAGES if GPU_STAGES[s].get("compile"))
 
 
 @pytest.fixture(scope="module")
