@@ -586,7 +586,14 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected}
+                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected,
+                        "even_spacing_eager": "LLLALLLALLLA"}
+    # even_spacing_eager is even_spacing with every HALO stage eager, its align its own (the flags change align too)
+    eager = recipe["ablations"]["even_spacing_eager"]
+    assert not eager.get("reuse_align") and recipe["ablations"]["even_spacing"]["reuse_align"]
+    for stage, flags in variant_stages(recipe["stages"], eager).items():
+        if stage in HALO_STAGES:
+            assert not flags.get("cuda_graph") and not flags.get("compile"), stage
     # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
