@@ -6,7 +6,6 @@ Model math never reads the parallel state; only this module, the trainer and the
 import contextlib
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -19,19 +18,13 @@ from . import cpu_compat
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-# What ensure_process_group puts in os.environ for a plain `python` run (and torchrun sets): a child process that
+# What torchrun sets (and ensure_process_group, but the address, for a plain `python` run): a child process that
 # should make its own group must not inherit them
 PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -43,13 +36,16 @@ def ensure_process_group() -> None:
     cpu_compat.install()
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # a plain single-process run
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    rendezvous = {}  # torchrun's: MASTER_ADDR/MASTER_PORT from the environment
+    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":  # a plain single-process run
+        # an in-process store instead of a TCP one on a free port: processes that start together (a recipe's
+        # ablation workers, the tests' trainers) could each pick a port that another takes before it binds it
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, **rendezvous)
 
 
 @contextlib.contextmanager

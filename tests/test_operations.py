@@ -526,3 +526,28 @@ def test_weight_decay_spares_one_dimensional_parameters():
     assert torch.equal(vector.detach(), torch.ones(3))
     assert torch.allclose(matrix.detach(), torch.full((2, 2), 1 - 0.5 * 0.1))
     assert decay_groups([vector], 0.1) == [{"params": [vector], "weight_decay": 0.0}]
+
+
+def test_plain_run_makes_its_group_without_a_port():
+    """A plain `python` run (no torchrun) makes its one-process group on an in-process store, not on a TCP port:
+    trainers that start together (a recipe's ablation workers, the GPU tests' four runs) cannot take each other's
+    port between one picking it and binding it. The group is made again after it is destroyed, as a recipe does
+    stage after stage in one process."""
+    code = """
+import os
+import torch
+import torch.distributed as dist
+from megatron_hypenet import parallel
+for _ in range(2):
+    with parallel.process_group():
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0
+        assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ, os.environ.get("MASTER_PORT")
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        assert t.tolist() == [1.0, 1.0]
+    assert not dist.is_initialized()
+print("made twice")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "made twice" in out.stdout, out.stderr[-3000:]
