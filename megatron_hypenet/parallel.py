@@ -24,7 +24,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-# What torchrun sets (and ensure_process_group, but the address, for a plain `python` run): a child process that
+# What torchrun sets (ensure_process_group sets the first three for a plain `python` run): a child process that
 # should make its own group must not inherit them
 PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
