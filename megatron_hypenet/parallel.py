@@ -6,6 +6,7 @@ Model math never reads the parallel state; only this module, the trainer and the
 import contextlib
 import os
 import random
+import socket
 
 import numpy as np
 import torch
@@ -18,15 +19,22 @@ from . import cpu_compat
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-# What torchrun sets (ensure_process_group sets the first three for a plain `python` run): a child process that
-# should make its own group must not inherit them
+# What torchrun sets (and ensure_process_group for a plain `python` run): a child process that should make its own
+# group must not inherit them
 PROCESS_GROUP_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_plain_run = False  # ensure_process_group set PROCESS_GROUP_ENV itself: this process was not launched by torchrun
 
 
 def ensure_process_group() -> None:
@@ -36,13 +44,16 @@ def ensure_process_group() -> None:
     cpu_compat.install()
     if dist.is_initialized():
         return
+    global _plain_run
+    if "RANK" not in os.environ:  # a plain single-process run
+        # torchrun's variables, for libraries that read them (DeepSpeed looks for MPI without them)
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+        _plain_run = True
+    # A plain run's group meets in an in-process store, not a TCP one on that port: processes that start together
+    # (a recipe's ablation workers, the tests' trainers) could take each other's port before binding it
+    rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1) if _plain_run else {}
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    rendezvous = {}  # torchrun's: MASTER_ADDR/MASTER_PORT from the environment
-    if "MASTER_ADDR" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":  # a plain single-process run
-        # an in-process store instead of a TCP one on a free port: processes that start together (a recipe's
-        # ablation workers, the tests' trainers) could each pick a port that another takes before it binds it
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, **rendezvous)

@@ -529,19 +529,21 @@ def test_weight_decay_spares_one_dimensional_parameters():
 
 
 def test_plain_run_makes_its_group_without_a_port():
-    """A plain `python` run (no torchrun) makes its one-process group on an in-process store, not on a TCP port:
-    trainers that start together (a recipe's ablation workers, the GPU tests' four runs) cannot take each other's
-    port between one picking it and binding it. The group is made again after it is destroyed, as a recipe does
-    stage after stage in one process."""
+    """A plain `python` run (no torchrun) makes its one-process group on an in-process store: nothing listens on the
+    MASTER_PORT it sets for other libraries, so trainers that start together (a recipe's ablation workers, the GPU
+    tests' four runs) cannot take each other's port between one picking it and binding it. The group is made again
+    after it is destroyed, as a recipe does stage after stage in one process."""
     code = """
 import os
+import socket
 import torch
 import torch.distributed as dist
 from megatron_hypenet import parallel
 for _ in range(2):
     with parallel.process_group():
-        assert dist.get_world_size() == 1 and dist.get_rank() == 0
-        assert "MASTER_ADDR" not in os.environ and "MASTER_PORT" not in os.environ, os.environ.get("MASTER_PORT")
+        assert dist.get_world_size() == 1 and dist.get_rank() == 0 and os.environ["WORLD_SIZE"] == "1"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", int(os.environ["MASTER_PORT"]))) != 0, "a store listens on MASTER_PORT"
         t = torch.ones(2)
         dist.all_reduce(t)
         assert t.tolist() == [1.0, 1.0]
