@@ -53,10 +53,14 @@ def ensure_process_group() -> None:
     # A plain run's group meets in an in-process store, not a TCP one on that port: processes that start together
     # (a recipe's ablation workers, the tests' trainers) could take each other's port before binding it
     rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1) if _plain_run else {}
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, **rendezvous)
+    if torch.cuda.is_available():
+        # Bound to its GPU, NCCL need not guess the device from the global rank, which is wrong on a node whose
+        # ranks do not map one to one onto its GPUs and can hang a barrier (torch warns of this)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device, **rendezvous)
+    else:
+        dist.init_process_group("gloo", **rendezvous)
 
 
 @contextlib.contextmanager

@@ -533,23 +533,36 @@ def test_plain_run_makes_its_group_without_a_port():
     MASTER_PORT it sets for other libraries, so trainers that start together (a recipe's ablation workers, the GPU
     tests' four runs) cannot take each other's port between one picking it and binding it. The group is made again
     after it is destroyed, as a recipe does stage after stage in one process."""
+    check_plain_run_group()
+
+
+def check_plain_run_group():
+    """The check above, on the GPU when there is one (tests/gpu/test_process_group_gpu.py): there the NCCL group must
+    also be bound to the process's GPU, so that neither torch nor NCCL guesses the device from the rank."""
     code = """
 import os
 import socket
 import torch
 import torch.distributed as dist
 from megatron_hypenet import parallel
+device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 for _ in range(2):
     with parallel.process_group():
         assert dist.get_world_size() == 1 and dist.get_rank() == 0 and os.environ["WORLD_SIZE"] == "1"
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", int(os.environ["MASTER_PORT"]))) != 0, "a store listens on MASTER_PORT"
-        t = torch.ones(2)
+        if device.type == "cuda":
+            assert dist.group.WORLD.bound_device_id == device, dist.group.WORLD.bound_device_id
+        dist.barrier()
+        t = torch.ones(2, device=device)
         dist.all_reduce(t)
         assert t.tolist() == [1.0, 1.0]
     assert not dist.is_initialized()
 print("made twice")
 """
     env = {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_ENV}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0 and "made twice" in out.stdout, out.stderr[-3000:]
+    # torch's barrier() warning and NCCL's "Guessing device ID" both name device_id when the group is not bound
+    assert "device_id" not in out.stderr, out.stderr[-3000:]
