@@ -567,7 +567,7 @@ def test_gpu_recipe_sizes_and_budget():
         num_query_groups=spec["kv_heads"], kv_channels=spec["head_dim"], ffn_hidden_size=spec["ffn"],
         vocab_size=recipe["make_tiny_teacher"]["tokenizer_vocab_size"], tie_word_embeddings=spec["tie"])
     assert recipe["stages"]["pretrain"]["compile"]  # 2.04x on an H200 (docs/benchmarks.md)
-    # run 20 (docs/results.md) trained every model with these; fast_smoke checks the same flags end to end
+    # runs 20-22 (docs/results.md) trained every model with these; fast_smoke checks the same flags end to end
     assert (FAST_GRAPHED, FAST_COMPILED) == (("align", "distill", "finetune"), ("distill",))
     assert 1024 <= recipe["common"]["seq_length"] <= 2048 and recipe["common"]["bf16"]
     tokens = {stage: planned_tokens(recipe, stage) for stage in ("pretrain", *HALO_STAGES)}
@@ -586,14 +586,7 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected,
-                        "even_spacing_eager": "LLLALLLALLLA"}
-    # even_spacing_eager is even_spacing with every HALO stage eager, its align its own (the flags change align too)
-    eager = recipe["ablations"]["even_spacing_eager"]
-    assert not eager.get("reuse_align") and recipe["ablations"]["even_spacing"]["reuse_align"]
-    for stage, flags in variant_stages(recipe["stages"], eager).items():
-        if stage in HALO_STAGES:
-            assert not flags.get("cuda_graph") and not flags.get("compile"), stage
+                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected}
     # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
