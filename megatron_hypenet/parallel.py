@@ -56,9 +56,9 @@ def ensure_process_group() -> None:
     if torch.cuda.is_available():
         # Bound to its GPU, NCCL need not guess the device from the global rank, which is wrong on a node whose
         # ranks do not map one to one onto its GPUs and can hang a barrier (torch warns of this)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, **rendezvous)
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", device_id=gpu, **rendezvous)
     else:
         dist.init_process_group("gloo", **rendezvous)
 
