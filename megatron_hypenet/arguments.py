@@ -8,6 +8,7 @@ import yaml
 
 from .config import RNN_MIXERS
 
+OPTIMIZERS = ("adamw", "muon")  # --optimizer: optimizer.py
 SELECT_SCORES = ("ratio", "recall")  # --select-score: halo/select.py's importance_scores
 
 STAGES = ("pretrain", "align", "select", "distill", "finetune")
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-style", choices=("wsd", "cosine", "linear", "constant"), default="wsd")
     g.add_argument("--lr-wsd-decay-fraction", type=float, default=0.2, help="WSD: share of iterations spent decaying")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="muon: Muon on the weight matrices inside the layers, AdamW on the rest, at the same --lr "
+                        "(megatron_hypenet/optimizer.py); needs every matrix whole on its rank (no TP, no sharded "
+                        "optimizer)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -174,6 +179,14 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if vpp is not None and (vpp < 2 or args.pipeline_model_parallel_size < 2):
         parser.error(f"--virtual-pipeline-model-parallel-size {vpp} needs --pipeline-model-parallel-size > 1 "
                      f"and at least 2 chunks per rank; leave it out for the plain 1F1B schedule")
+    if args.optimizer == "muon":
+        refused = [flag for flag, on in (
+            ("--tensor-model-parallel-size > 1", args.tensor_model_parallel_size > 1),
+            ("--use-distributed-optimizer", args.use_distributed_optimizer),
+            ("--zero-stage 3", args.zero_stage == 3)) if on]
+        if refused:
+            parser.error(f"--optimizer muon orthogonalises whole weight matrices, which {', '.join(refused)} "
+                         f"split over ranks: use data or pipeline parallelism with it, or --optimizer adamw")
     if args.deepspeed_config and args.zero_stage != 3:
         parser.error("--deepspeed-config is read by --zero-stage 3 only")
     if args.zero_stage == 3:

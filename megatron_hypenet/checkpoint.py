@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.optimizer import (
     get_param_id_to_sharded_param_map,
     optim_state_to_sharding_state,
@@ -157,36 +158,61 @@ def load_model_state(model, state: dict) -> None:
 
 
 def init_optimizer_state(optimizer) -> None:
-    """A fresh AdamW has no state tensors to load into: create them (zeros, overwritten by the load)."""
+    """A fresh torch AdamW or Muon has no state tensors to load into: create them (zeros, overwritten by the load)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
-                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                if isinstance(optimizer, torch.optim.Muon):
+                    optimizer.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+                else:
+                    optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                          "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
 def optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool = False) -> dict:
-    """A torch optimizer's state as ShardedTensors that follow the model's sharding (any layout);
-    megatron-core's distributed optimizer (distributed_optimizer.py) makes its own."""
+    """The optimizer's state as ShardedTensors that follow the model's sharding (any layout); megatron-core's
+    distributed optimizer (distributed_optimizer.py) and optimizer.MuonWithAdamW make their own."""
     if hasattr(optimizer, "sharded_state_dict"):
         return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    return torch_optimizer_sharded_state_dict(optimizer, model_sd)
+
+
+def torch_optimizer_sharded_state_dict(optimizer: torch.optim.Optimizer, model_sd: dict) -> dict:
     init_optimizer_state(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     id_to_sharded = get_param_id_to_sharded_param_map(model_sd, iter(params))
     state = optimizer.state_dict()
     # AdamW steps all parameters together: the scalar step travels in the param groups, not as a tensor.
-    steps = {float(s["step"]) for s in state["state"].values()}
-    for group in state["param_groups"]:
-        group["step"] = max(steps) if steps else 0.0
+    steps = {float(s["step"]) for s in state["state"].values() if "step" in s}
+    if steps:
+        for group in state["param_groups"]:
+            group["step"] = max(steps)
     optim_state_to_sharding_state(state, id_to_sharded, exclude_keys=("step",))
     return state
 
 
-def _restore_steps(state: dict) -> dict:
+def restore_steps(state: dict) -> dict:
+    """Undoes the scalar step of `torch_optimizer_sharded_state_dict` on a loaded state."""
     for group in state["param_groups"]:
-        for pid in group["params"]:
-            state["state"][pid]["step"] = torch.tensor(group["step"], dtype=torch.float32)
+        if "step" in group:
+            for pid in group["params"]:
+                state["state"][pid]["step"] = torch.tensor(group["step"], dtype=torch.float32)
     return state
+
+
+def _check_optimizer_state(path: str, sharded_optimizer: dict) -> None:
+    """Refuses, before reading, a checkpoint whose optimizer state is of another kind (AdamW vs Muon)."""
+    wanted = {t.key for t in nested_values(sharded_optimizer) if isinstance(t, ShardedTensor)}
+    try:
+        saved = set(dist_checkpointing.load_tensors_metadata(path))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - rewrap with the path
+        raise _unreadable(path, e) from e
+    missing = sorted(wanted - saved)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path} has no optimizer state {missing[0]!r} (and {len(missing) - 1} more): it was saved "
+            f"by another optimizer (--optimizer adamw / muon) or without one. Resume with the --optimizer it was "
+            f"saved with, or start this run in a new --save folder (--load takes its weights, not its optimizer)")
 
 
 def _write(sharded_sd: dict, root: str, iteration: int, async_save: bool = False) -> Optional[AsyncRequest]:
@@ -331,6 +357,7 @@ def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Opt
     sharded = {"model": model_sd}
     if optimizer is not None:
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
+        _check_optimizer_state(path, sharded["optimizer"])
     try:  # read all of it before loading into the model and optimizer
         loaded = dist_checkpointing.load(sharded, path)
         state = dist_checkpointing.load_common_state_dict(path).get("state") if load_state else None
@@ -338,8 +365,8 @@ def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Opt
         raise _unreadable(path, e) from e
     load_model_state(model, loaded["model"])
     if optimizer is not None:
-        megatron_optimizer = hasattr(optimizer, "sharded_state_dict")
-        optimizer.load_state_dict(loaded["optimizer"] if megatron_optimizer else _restore_steps(loaded["optimizer"]))
+        own_format = hasattr(optimizer, "sharded_state_dict")
+        optimizer.load_state_dict(loaded["optimizer"] if own_format else restore_steps(loaded["optimizer"]))
     return path, state
 
 

@@ -9,7 +9,7 @@ pipeline stages; the same rules as the plain path's `training.sync_grads`). The 
 sharded over the data-parallel ranks (ZeRO-1). The frozen teacher is never wrapped nor optimised.
 
 Numerics follow the plain path: megatron-core's standard parameter groups (no weight decay on biases
-and 1-D tensors, as `training.decay_groups`), the clip uses the same global norm, a step whose
+and 1-D tensors, as `optimizer.decay_groups`), the clip uses the same global norm, a step whose
 gradient norm is not finite is skipped (the trainer's --nan-policy decides what follows). With --bf16
 the student's weights are bf16 and the optimizer keeps the fp32 master copy (megatron-core's mixed
 precision).
@@ -47,7 +47,7 @@ class DistributedOptimizer:
                                  use_distributed_optimizer=True)
         with megatron_cuda_calls():
             self.chunks = [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in students]
-            # megatron-core's standard groups: no weight decay on biases and 1-D tensors, as training.decay_groups
+            # megatron-core's standard groups: no weight decay on biases and 1-D tensors, as optimizer.decay_groups
             self.optimizer = get_megatron_optimizer(config, self.chunks,
                                                     config_overrides=get_standard_config_overrides(config))
         for opt in self._optimizers:  # wd_mult is applied by megatron's LR scheduler, which this trainer does not use

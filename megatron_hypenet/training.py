@@ -2,7 +2,7 @@
 
     set up parallelism -> build the stage's models -> resume or initialise -> data -> for each step:
     forward/backward of the step's micro-batches through megatron-core's pipeline schedule (pipeline.py),
-    grad sync (TP-replicated params, tied embeddings across stages, data parallel), clip, AdamW,
+    grad sync (TP-replicated params, tied embeddings across stages, data parallel), clip, optimizer step,
     schedule, log, save
 """
 
@@ -26,6 +26,7 @@ from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
 from .cuda_graph import CapturedStep
 from .data import build_gpt_datasets, make_dataloader
 from .distributed_optimizer import DistributedOptimizer
+from .optimizer import build_optimizer
 from .halo.stages import build_stage
 from .model import compile_layers
 
@@ -242,14 +243,6 @@ class PreemptionFlag:
 # ---- the loop ---------------------------------------------------------------------------------
 
 
-def decay_groups(params, weight_decay: float) -> list:
-    """AdamW parameter groups under megatron-core's default rule, so the plain, ZeRO-3 and distributed
-    optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias)."""
-    params = list(params)
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
-
 def train(args) -> dict:
     preempt = PreemptionFlag()  # first: a signal during start-up must not kill the job either
     try:
@@ -289,8 +282,7 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     if args.use_distributed_optimizer:  # megatron-core's DDP + sharded AdamW state (distributed_optimizer.py)
         optimizer = DistributedOptimizer(args, student)
     else:
-        optimizer = torch.optim.AdamW(decay_groups(stage.trainable, args.weight_decay), lr=args.lr,
-                                      betas=(args.adam_beta1, args.adam_beta2))
+        optimizer = build_optimizer(args, student, stage.trainable)  # --optimizer: AdamW or Muon (optimizer.py)
 
     # Check the tokenizer and the data before anything in --save is touched.
     tokenizer_dir = args.tokenizer or find_tokenizer(checkpoint.resolve(args.teacher or args.load))

@@ -227,6 +227,35 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(env, stage, extra):
     assert sorted(d for d in os.listdir(save) if d.startswith("iter_")) == ["iter_0000006", "iter_0000008"]  # keep-last 2
 
 
+def test_muon_resumes_exactly_with_its_momentum(env):
+    """--optimizer muon: the weight matrices inside the layers take Muon, the rest (tied embedding, norm gains)
+    AdamW, and both states travel in the checkpoint: a run killed after a save resumes on the uninterrupted run's
+    losses, bit for bit."""
+    muon = ("--optimizer", "muon")
+    full, killed = env.path("muon_full"), env.path("muon_killed")
+    env.baseline("align")
+    uninterrupted = Run(env.train_cmd("distill", full) + list(muon), full)
+    cmd = env.train_cmd("distill", killed) + list(muon)
+    at, _ = Run(cmd, killed).kill_after_checkpoint(KILL_AT)
+    Run(cmd, killed).wait()
+    assert "resumed distill at iteration %d" % at in open(killed + ".log").read()
+    uninterrupted.wait()
+    assert len(losses(full)) == ITERS and losses(killed) == losses(full)
+    assert losses(full)[1:] != losses(env.baseline("distill"))[1:]  # the same batches, stepped otherwise than AdamW
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_hypenet import checkpoint
+
+    keys = dist_checkpointing.load_tensors_metadata(checkpoint.resolve(full))
+    muon_keys = {k.split(".", 3)[3] for k in keys if k.startswith("optimizer.state.momentum_buffer.")}
+    adamw_keys = {k.split(".", 3)[3] for k in keys if k.startswith("optimizer.state.exp_avg.")}
+    model_keys = {k for k in keys if not k.startswith("optimizer.")}
+    assert muon_keys and not muon_keys & adamw_keys and muon_keys | adamw_keys == model_keys
+    assert any("linear_qkv.weight" in k for k in muon_keys) and any("linear_fc1.weight" in k for k in muon_keys)
+    assert not [k for k in muon_keys if "embedding" in k or "norm" in k or "conv" in k]
+
+
 # ---- 2. SIGTERM (to the whole process group, as Slurm does): checkpoint, exit code 0 ---------------------
 
 @pytest.mark.parametrize("sig, extra", [(signal.SIGTERM, ()), (signal.SIGTERM, (ASYNC, "--save-interval", "1"))],
@@ -445,7 +474,12 @@ def _case_layout(env):
         r"world size 1 is not divisible by TP x PP x CP = 2 x 1 x 1; launch a multiple of 2 processes"
 
 
-BAD_INPUTS = {"corrupt_checkpoint": _case_corrupt, "other_layer_pattern": _case_layer_pattern,
+def _case_other_optimizer(env):
+    return "pretrain", {"load": env.teacher, "save": _copy(env, "pretrain", "intact"), "optimizer": "muon"}, \
+        r"has no optimizer state 'optimizer.state.momentum_buffer.*saved by another optimizer.*new --save folder"
+
+
+BAD_INPUTS = {"corrupt_checkpoint": _case_corrupt, "other_optimizer": _case_other_optimizer, "other_layer_pattern": _case_layer_pattern,
               "other_vocabulary": _case_vocab, "tokenizer_larger_than_vocab": _case_tokenizer,
               "missing_data_prefix": _case_missing_data, "empty_data": _case_empty_data,
               "seq_length_above_data": _case_seq_length, "impossible_parallel_layout": _case_layout}
@@ -459,6 +493,20 @@ def test_bad_input_fails_clearly_and_leaves_checkpoints_intact(env, case):
     with pytest.raises(Exception, match=message):
         run_in_process(stage, options)
     assert folder_hash(options["save"]) == before
+
+
+def test_muon_refuses_layouts_that_split_its_matrices(capsys):
+    from megatron_hypenet.arguments import parse_args
+
+    base = ["--stage", "pretrain", "--load", "x", "--data-path", "x", "--optimizer", "muon"]
+    for flags, named in ((["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size > 1"),
+                         (["--use-distributed-optimizer"], "--use-distributed-optimizer"),
+                         (["--zero-stage", "3"], "--zero-stage 3")):
+        with pytest.raises(SystemExit):
+            parse_args(base + flags)
+        err = capsys.readouterr().err
+        assert f"--optimizer muon orthogonalises whole weight matrices, which {named} split" in err, err
+    assert parse_args(base + ["--pipeline-model-parallel-size", "2"]).optimizer == "muon"
 
 
 # ---- 6. NaN / Inf: skipped (and logged) or stop ---------------------------------------------------------
@@ -516,7 +564,7 @@ def test_weight_decay_spares_one_dimensional_parameters():
     per-head vectors (Gated DeltaNet's A_log, dt_bias) do not."""
     import torch
 
-    from megatron_hypenet.training import decay_groups
+    from megatron_hypenet.optimizer import decay_groups
 
     vector, matrix = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
     optimizer = torch.optim.AdamW(decay_groups([vector, matrix], 0.1), lr=0.5)

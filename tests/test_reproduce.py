@@ -586,7 +586,8 @@ def test_gpu_recipe_sizes_and_budget():
     assert selected == "ALLLLALLLLAL"  # layers 0, 5, 10: the largest recall drops
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
-                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected}
+                        "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected,
+                        "muon_lr_2e-3": selected, "muon_lr_4e-3": selected}
     # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)

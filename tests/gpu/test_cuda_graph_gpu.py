@@ -1,6 +1,7 @@
 """--cuda-graph on one GPU (cuda_graph.py): align, distill and finetune with each step's forward and backward
 replayed from a CUDA graph follow the eager run's loss curve, also with two micro-batches per step, with
-Gated DeltaNet's Triton kernels, and with align's attention twins (examples/reproduce.yaml trains them graphed);
+Gated DeltaNet's Triton kernels, with align's attention twins and with distill's Muon (examples/reproduce.yaml
+trains them graphed);
 and with --compile, the graphed run follows the run that launches the same compiled kernels one by one.
 
 Tolerance, as in test_resume_gpu.py: a second eager run measures the kernels' run-to-run noise
@@ -42,9 +43,10 @@ def _stage_cmd(env, stage, save, *extra):
 @pytest.mark.parametrize("stage, extra", [("align", ()), ("distill", ()), ("finetune", ()),
                                           ("distill", ("--global-batch-size", "8")),
                                           ("align", ("--rnn-mixer", "gated_deltanet")),
-                                          ("align", ("--attention-twins",))],
+                                          ("align", ("--attention-twins",)),
+                                          ("distill", ("--optimizer", "muon"))],
                          ids=["align", "distill", "finetune", "distill-2-micro-batches", "align-gated-deltanet",
-                              "align-attention-twins"])
+                              "align-attention-twins", "distill-muon"])
 def test_graphed_steps_follow_the_eager_curve(env, stage, extra):
     name = stage + ("_" + extra[-1].lstrip("-") if extra else "")
     variants = {"eager": (), "eager2": (), "graph": ("--cuda-graph",), "compile": ("--compile",),

@@ -1,0 +1,82 @@
+"""The plain path's optimizer (`--optimizer`): AdamW, or Muon on the hidden weight matrices with AdamW on the rest.
+
+Muon (torch.optim.Muon) steps each weight matrix along its momentum orthogonalised by Newton-Schulz
+iterations. It is meant for the matrices inside the layers only: the embedding, the LM head and every tensor
+that is not a matrix (norm gains, short convs, Gated DeltaNet's per-head vectors) stay on AdamW. With
+`adjust_lr_fn="match_rms_adamw"` a Muon update has AdamW's RMS, so both parts share --lr, its schedule and
+--weight-decay.
+
+Newton-Schulz needs a whole matrix. Tensor parallelism, megatron-core's distributed optimizer and ZeRO-3 split
+the matrices or own the optimizer, so `--optimizer muon` refuses them (arguments.py); data and pipeline
+parallelism leave every matrix whole on its rank.
+"""
+
+from typing import List
+
+import torch
+
+from . import checkpoint
+
+MUON_MOMENTUM = 0.95
+# not matrices inside a layer, although 2-D: they map tokens to and from the hidden size
+NOT_MUON = ("embedding.", "output_layer.")
+
+
+def decay_groups(params, weight_decay: float) -> list:
+    """AdamW parameter groups under megatron-core's default rule, so the plain, ZeRO-3 and distributed
+    optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias)."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def muon_matrices(models, params) -> List[torch.nn.Parameter]:
+    """Of `params`, the 2-D weights inside the decoder layers of `models` (the chunks that own them)."""
+    wanted = {id(p) for p in params}
+    return [p for model in models for name, p in model.named_parameters()
+            if id(p) in wanted and p.ndim == 2 and not name.startswith(NOT_MUON)]
+
+
+class MuonWithAdamW:
+    """torch's Muon over the matrices and AdamW over the rest, behind the trainer's optimizer calls
+    (param_groups, zero_grad, step, and the checkpoint hooks)."""
+
+    def __init__(self, matrices, others, lr: float, weight_decay: float, betas):
+        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
+                                     adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(decay_groups(others, weight_decay), lr=lr, betas=betas) if others else None
+        self.parts = {"muon": self.muon, **({"adamw": self.adamw} if self.adamw else {})}
+
+    @property
+    def param_groups(self) -> list:
+        return [g for part in self.parts.values() for g in part.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def sharded_state_dict(self, model_sd: dict, is_loading: bool = False) -> dict:
+        return {name: checkpoint.torch_optimizer_sharded_state_dict(part, model_sd)
+                for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(checkpoint.restore_steps(state[name]))
+
+
+def build_optimizer(args, models, params):
+    """The optimizer of the plain path (no --use-distributed-optimizer; ZeRO-3 wraps what this returns)."""
+    params = list(params)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(decay_groups(params, args.weight_decay), lr=args.lr, betas=betas)
+    matrices = muon_matrices(models, params)
+    if not matrices:
+        raise ValueError("--optimizer muon found no weight matrix among the trained parameters; use --optimizer adamw")
+    chosen = {id(p) for p in matrices}
+    return MuonWithAdamW(matrices, [p for p in params if id(p) not in chosen], args.lr, args.weight_decay, betas)
