@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue, AsyncRequest
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from . import parallel
 from .config import MODEL_FILE, read_model_description, write_model_description
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def resolve(root: str, iteration: Optional[int] = None) -> str:
 
 def _barrier():
     if dist.is_initialized():
-        dist.barrier()
+        parallel.barrier()
 
 
 def _rank0():

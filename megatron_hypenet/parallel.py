@@ -54,13 +54,23 @@ def ensure_process_group() -> None:
     # (a recipe's ablation workers, the tests' trainers) could take each other's port before binding it
     rendezvous = dict(store=dist.HashStore(), rank=0, world_size=1) if _plain_run else {}
     if torch.cuda.is_available():
-        # Bound to its GPU, NCCL need not guess the device from the global rank, which is wrong on a node whose
-        # ranks do not map one to one onto its GPUs and can hang a barrier (torch warns of this)
-        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(gpu)
-        dist.init_process_group("nccl", device_id=gpu, **rendezvous)
+        # The GPU is set, not bound (init_process_group's device_id): a bound group, and every group made after it
+        # (megatron-core's ~20 included), sets up its NCCL communicator at once instead of at its first collective.
+        # Run 23's nine one-GPU trainers sharing an H100 failed in those set-ups ("Failed to CUDA calloc"), which
+        # the lazy groups of runs 14-22 never reached. `barrier` names the device instead.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl", **rendezvous)
     else:
         dist.init_process_group("gloo", **rendezvous)
+
+
+def barrier() -> None:
+    """A barrier of the whole group on this process's GPU: unbound, NCCL would otherwise guess the device from the
+    global rank (and warn that this can hang where ranks do not map one to one onto a node's GPUs)."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 @contextlib.contextmanager

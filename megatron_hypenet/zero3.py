@@ -164,7 +164,7 @@ class ZeroOptimizer:
                 if name.startswith("iter_") and name not in kept:
                     shutil.rmtree(os.path.join(engine_dir, name), ignore_errors=True)
         if dist.is_initialized():
-            dist.barrier()
+            parallel.barrier()
         return path
 
     def _load_engine(self, path: str) -> None:

@@ -585,8 +585,10 @@ def test_plain_run_makes_its_group_without_a_port():
 
 
 def check_plain_run_group():
-    """The check above, on the GPU when there is one (tests/gpu/test_process_group_gpu.py): there the NCCL group must
-    also be bound to the process's GPU, so that neither torch nor NCCL guesses the device from the rank."""
+    """The check above, on the GPU when there is one (tests/gpu/test_process_group_gpu.py). There the process's GPU is
+    set but the NCCL group not bound to it (parallel.ensure_process_group says why): no communicator is made before a
+    collective needs one, and `parallel.barrier` names the device, so neither torch nor NCCL guesses it from the rank.
+    """
     code = """
 import os
 import socket
@@ -600,8 +602,8 @@ for _ in range(2):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", int(os.environ["MASTER_PORT"]))) != 0, "a store listens on MASTER_PORT"
         if device.type == "cuda":
-            assert dist.group.WORLD.bound_device_id == device, dist.group.WORLD.bound_device_id
-        dist.barrier()
+            assert dist.group.WORLD.bound_device_id is None and torch.cuda.current_device() == 0
+        parallel.barrier()
         t = torch.ones(2, device=device)
         dist.all_reduce(t)
         assert t.tolist() == [1.0, 1.0]
@@ -612,5 +614,5 @@ print("made twice")
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and "made twice" in out.stdout, out.stderr[-3000:]
-    # torch's barrier() warning and NCCL's "Guessing device ID" both name device_id when the group is not bound
+    # torch's barrier() warning and NCCL's "Guessing device ID" both name device_id when a barrier has no device
     assert "device_id" not in out.stderr, out.stderr[-3000:]

@@ -834,3 +834,12 @@ def test_position_target_pools_replicates(smoke):
     assert "Replicates (`replicate_of`" in page
     del r["models"]["nope_seed2"]  # a replicate that failed is left out of the pool
     assert "nope_everywhere 0.60" in targets(r)[2]["value"]
+
+
+def test_a_failed_ablation_keeps_to_one_table_row():
+    """Run 23's five failed ablations (NCCL errors of several lines, docs/results/run23) render as one row each."""
+    with open(os.path.join(ROOT, "docs", "results", "run23", "report.json")) as f:
+        report = json.load(f)
+    failed = [line for line in markdown(report).splitlines() if "| failed: " in line]
+    assert len(failed) == 5, failed
+    assert all(line.startswith("| ") and line.endswith(" |") and line.count(" | ") == 3 for line in failed), failed

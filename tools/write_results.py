@@ -325,7 +325,8 @@ def markdown(report: dict, plots_link: str = "results") -> str:
                               for k, v in flags.items()]) or "-"
             kind = f"replicate of {a['replicate_of']}" if a.get("replicate_of") else a.get("kind") or "-"
             if "error" in a:
-                lines.append(f"| {name} | {kind} | {opts} | failed: {a['error'][:200]} |")
+                error = " ".join(a["error"].split())[:200].replace("|", "/")  # one table cell: one line, no pipe
+                lines.append(f"| {name} | {kind} | {opts} | failed: {error} |")
                 continue
             row = models[name]
             same = " (attention layers = main)" if a.get("same_attention_layers_as_main") else ""
