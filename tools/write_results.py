@@ -325,7 +325,9 @@ def markdown(report: dict, plots_link: str = "results") -> str:
                               for k, v in flags.items()]) or "-"
             kind = f"replicate of {a['replicate_of']}" if a.get("replicate_of") else a.get("kind") or "-"
             if "error" in a:
-                error = " ".join(a["error"].split())[:200].replace("|", "/")  # one table cell: one line, no pipe
+                error = " ".join(a["error"].split()).replace("|", "/")  # one table cell: one line, no pipe
+                if len(error) > 200:  # its start and its end, where the cause often is
+                    error = f"{error[:120]} ... {error[-75:]}"
                 lines.append(f"| {name} | {kind} | {opts} | failed: {error} |")
                 continue
             row = models[name]
