@@ -26,9 +26,9 @@ from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
 from .cuda_graph import CapturedStep
 from .data import build_gpt_datasets, make_dataloader
 from .distributed_optimizer import DistributedOptimizer
-from .optimizer import build_optimizer
 from .halo.stages import build_stage
 from .model import compile_layers
+from .optimizer import build_optimizer
 
 log = logging.getLogger("megatron_hypenet")
 
