@@ -31,6 +31,10 @@ def decay_groups(params, weight_decay: float) -> list:
     return [g for g in groups if g["params"]]
 
 
+def adamw(params, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
+    return torch.optim.AdamW(decay_groups(params, weight_decay), lr=lr, betas=betas)
+
+
 def muon_matrices(models, params) -> List[torch.nn.Parameter]:
     """Of `params`, the 2-D weights inside the decoder layers of `models` (the chunks that own them)."""
     wanted = {id(p) for p in params}
@@ -43,10 +47,10 @@ class MuonWithAdamW:
     (param_groups, zero_grad, step, and the checkpoint hooks)."""
 
     def __init__(self, matrices, others, lr: float, weight_decay: float, betas):
-        self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
-                                     adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(decay_groups(others, weight_decay), lr=lr, betas=betas) if others else None
-        self.parts = {"muon": self.muon, **({"adamw": self.adamw} if self.adamw else {})}
+        self.parts = {"muon": torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
+                                               adjust_lr_fn="match_rms_adamw")}
+        if others:
+            self.parts["adamw"] = adamw(others, lr, weight_decay, betas)
 
     @property
     def param_groups(self) -> list:
@@ -74,7 +78,7 @@ def build_optimizer(args, models, params):
     params = list(params)
     betas = (args.adam_beta1, args.adam_beta2)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(decay_groups(params, args.weight_decay), lr=args.lr, betas=betas)
+        return adamw(params, args.lr, args.weight_decay, betas)
     matrices = muon_matrices(models, params)
     if not matrices:
         raise ValueError("--optimizer muon found no weight matrix among the trained parameters; use --optimizer adamw")
