@@ -846,3 +846,19 @@ def test_a_failed_ablation_keeps_to_one_table_row():
     failed = [line for line in markdown(report).splitlines() if "| failed: " in line]
     assert len(failed) == 5, failed
     assert all(line.startswith("| ") and line.endswith(" |") and line.count(" | ") == 3 for line in failed), failed
+
+
+def test_a_loss_only_report_renders_without_retrieval(tmp_path):
+    """`eval: {tasks: []}` (held-out loss only) still writes the page and plots; the position target says why it is
+    not read instead of dividing by the number of tasks."""
+    with open(os.path.join(ROOT, "docs", "results", "run23", "report.json")) as f:
+        report = json.load(f)
+    report["tasks"] = []
+    for row in report["models"].values():
+        for key in [k for k in row if k.split("@")[0] in ("needle", "passkey")]:
+            del row[key]
+    position = [t for t in targets(report) if t["target"].startswith("HyPE better")]
+    assert len(position) == 1 and position[0]["met"] is None and "retrieval tasks" in position[0]["value"]
+    write_results(report, str(tmp_path / "results.md"))
+    page = (tmp_path / "results.md").read_text()
+    assert "Held-out loss by position" in page and "needle@4x not evaluated" in page
