@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import socket
+import warnings
 
 import numpy as np
 import torch
@@ -59,6 +60,9 @@ def ensure_process_group() -> None:
         # Run 23's nine one-GPU trainers sharing an H100 failed in those set-ups ("Failed to CUDA calloc"), which
         # the lazy groups of runs 14-22 never reached. `barrier` names the device instead.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # megatron-core's barriers (dataset builds, dist_checkpointing saves) name no device, and torch then warns on
+        # each that it uses the current one: the one set just above, which is what we want, so the warning is noise
+        warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
         dist.init_process_group("nccl", **rendezvous)
     else:
         dist.init_process_group("gloo", **rendezvous)
