@@ -45,6 +45,7 @@ Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yam
 """
 
 import contextlib
+import copy
 import datetime
 import gc
 import itertools
@@ -53,6 +54,8 @@ import logging
 import math
 import multiprocessing
 import os
+import shlex
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import List, Optional
@@ -117,6 +120,42 @@ def load_recipe(path: str, _children: tuple = ()) -> dict:
     if base_path in chain:
         raise ValueError(f"recipe {path}: base {base} leads back to itself ({' -> '.join(chain + (base_path,))})")
     return {**load_recipe(base_path, chain), **recipe}
+
+
+def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> dict:
+    """The recipe with command-line changes (tools/halo.py --set, --ablations), so that one experiment on a recipe
+    needs no edited copy of it and the report's command says what changed.
+
+    `sets`: "dotted.key=VALUE", VALUE read as YAML (`3300`, `[]`, `muon`, `{lr: 2e-3}`). The key must exist, so a
+    typo fails here instead of becoming a stage flag; "+dotted.key=VALUE" adds a new one (as Hydra's "+").
+    `ablations`: names to keep, comma-separated, in the recipe's order; "none" keeps none."""
+    recipe = copy.deepcopy(recipe)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        add = key.startswith("+")
+        path = key.lstrip("+").split(".")
+        if not sep or not all(path):
+            raise ValueError(f"--set {item!r}: give dotted.key=VALUE, e.g. stages.pretrain.train_iters=3300")
+        node = recipe
+        for i, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part), dict):
+                where = ".".join(path[:i + 1])
+                raise ValueError(f"--set {item!r}: the recipe has no mapping {where}; its keys there: "
+                                 f"{', '.join(map(str, node)) or 'none'}")
+            node = node[part]
+        if path[-1] not in node and not add:
+            raise ValueError(f"--set {item!r}: the recipe has no key {key}; keys there: "
+                             f"{', '.join(map(str, node)) or 'none'} (write +{key}=... to add one)")
+        node[path[-1]] = yaml.safe_load(text)
+    if ablations is not None:
+        known = recipe.get("ablations") or {}
+        keep = [] if ablations.strip() == "none" else [n.strip() for n in ablations.split(",") if n.strip()]
+        unknown = [n for n in keep if n not in known]
+        if unknown:
+            raise ValueError(f"--ablations: {', '.join(unknown)} not in the recipe; its ablations: "
+                             f"{', '.join(known) or 'none'}")
+        recipe["ablations"] = {n: spec for n, spec in known.items() if n in keep}
+    return recipe
 
 
 def stage_command(stage: str, options: dict) -> str:
@@ -397,23 +436,31 @@ class _Runner:
         return result
 
 
-def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) -> dict:
-    """Runs the recipe and returns its report; after a pre-emption, {"preempted": <which stage, where>}
-    (the caller exits 0, as a pre-empted pretrain_hypenet.py does, and re-running continues)."""
+def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, sets=(),
+               ablations: Optional[str] = None) -> dict:
+    """Runs the recipe (with `apply_overrides`' changes) and returns its report; after a pre-emption, {"preempted":
+    <which stage, where>} (the caller exits 0, as a pre-empted pretrain_hypenet.py does, and re-running continues)."""
     try:
-        return _run_recipe(path, work_dir, command)
+        return _run_recipe(path, work_dir, command, sets, ablations)
     except Preempted as stop:
         log.warning("recipe pre-empted: %s, after its checkpoint; re-run the same command to continue", stop)
         return {"preempted": str(stop)}
 
 
-def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) -> dict:
+def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, sets=(),
+                ablations: Optional[str] = None) -> dict:
     from megatron_hypenet.checkpoint import start_save_helper
 
+    if command is None:  # the tools/halo.py command line of this call
+        command = shlex.join(["python", "tools/halo.py", "--recipe", path, *(["--work-dir", work_dir] if work_dir else []),
+                              *(x for item in sets for x in ("--set", item)),
+                              *(["--ablations", ablations] if ablations is not None else [])])
+    recipe = apply_overrides(load_recipe(path), sets, ablations)  # a bad --set fails before any process starts
     start_save_helper()  # before the teacher's conversion saves: a pre-empted stage's final save needs it alive
-    recipe = load_recipe(path)
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, "recipe.yaml"), "w") as f:  # what this run trains: the file, base and overrides
+        yaml.safe_dump(recipe, f, sort_keys=False)
     ablations = recipe.get("ablations") or {}
     check_ablations(ablations, recipe.get("stages", {}), recipe.get("common", {}))
     workers = recipe.get("ablation_workers", 1)
@@ -486,8 +533,6 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
             if folder:
                 exports[name] = folder
 
-    if command is None:
-        command = " ".join(["python tools/halo.py --recipe", path] + (["--work-dir", work_dir] if work_dir else []))
     now = datetime.datetime.now(datetime.timezone.utc)
     report = {"name": recipe.get("name", "recipe"), "command": command, "device": device_name(),
               "date": now.isoformat(timespec="seconds"),
@@ -512,11 +557,14 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None) 
 
 def write_report(report: dict, work: str, pages: bool) -> None:
     """<work>/report.json, and with `pages` the results page: <work>/results.md beside <work>/results/ (its
-    plots and a copy of report.json: one flat folder of small files, easy to bring back from a GPU machine)."""
+    plots and copies of report.json and recipe.yaml: one flat folder of small files, easy to bring back from a GPU
+    machine)."""
     paths = [os.path.join(work, "report.json")]
     if pages:
         os.makedirs(os.path.join(work, "results"), exist_ok=True)
         paths.append(os.path.join(work, "results", "report.json"))
+        if os.path.exists(os.path.join(work, "recipe.yaml")):
+            shutil.copy(os.path.join(work, "recipe.yaml"), os.path.join(work, "results", "recipe.yaml"))
     for path in paths:
         with open(path, "w") as f:
             json.dump(report, f, indent=2)

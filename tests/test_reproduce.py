@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shlex
 import struct
 import zlib
 
@@ -21,6 +22,7 @@ from megatron_hypenet.recipe import (
     STUDENT,
     TEACHER,
     ablation_pattern,
+    apply_overrides,
     check_ablations,
     decode_speed,
     even_pattern,
@@ -107,16 +109,17 @@ def test_tokenizer_max_chars_stops_after_the_document_reaching_it():
 BROKEN = {"kind": "selection", "reuse_align": True, "layer_pattern": "AL"}  # a pattern of the wrong length
 
 
+SMOKE_SETS = [f"+ablations.broken={json.dumps(BROKEN)}", "+ablation_workers=2"]
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """examples/reproduce_smoke.yaml plus one ablation that fails, the report must go on without it, with two
     ablation workers (test_ablation_workers_train_as_the_recipe_process_does runs one in the recipe's process)."""
     root = tmp_path_factory.mktemp("reproduce")
-    recipe = load_recipe(SMOKE)
-    recipe["ablations"]["broken"] = BROKEN
-    recipe["ablation_workers"] = 2
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    report = run_recipe(str(root / "recipe.yaml"), str(root / "run"))
+    # both changes as tools/halo.py's --set passes them (test_command_line_changes_are_what_ran)
+    report = run_recipe(SMOKE, str(root / "run"), sets=SMOKE_SETS)
+    recipe = apply_overrides(load_recipe(SMOKE), SMOKE_SETS)
     # the stages and conversions destroy the process groups they make: NCCL warns at exit of one left behind
     assert not torch.distributed.is_initialized()
     del recipe["ablations"]["broken"]
@@ -181,7 +184,7 @@ def test_report_has_every_model_length_and_task(smoke):
     corpus = report["corpus"]
     assert corpus["train_bytes"] + corpus["heldout_bytes"] >= recipe["data"]["local_corpus"]["max_bytes"]
     assert corpus["train_tokens"] > 0 and corpus["heldout_files"] > 0
-    assert report["command"] == f"python tools/halo.py --recipe {work.parent / 'recipe.yaml'} --work-dir {work}"
+    assert shlex.split(report["command"])[:6] == ["python", "tools/halo.py", "--recipe", SMOKE, "--work-dir", str(work)]
     stages = [c for c in report["commands"] if c.startswith("python pretrain_hypenet.py --stage ")]
     own_aligns = [n for n, a in recipe["ablations"].items() if not a.get("reuse_align")]
     assert own_aligns == ["nope_everywhere", "student_seed2"]
@@ -277,7 +280,7 @@ def test_results_page_plots_and_targets(smoke, tmp_path):
     work, report, recipe = smoke
     # what the recipe left for the trip back from a GPU machine: one flat folder, few small plain files
     files = sorted(os.listdir(work / "results"))
-    assert files == sorted(["report.json", *PLOTS.values()])
+    assert files == sorted(["report.json", "recipe.yaml", *PLOTS.values()])
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and os.path.getsize(work / "results" / f) < 16 * 2**20 for f in files)
     page = tmp_path / "docs" / "results.md"
     written = write_results(report, str(page))
@@ -858,7 +861,47 @@ def test_a_loss_only_report_renders_without_retrieval(tmp_path):
         for key in [k for k in row if k.split("@")[0] in ("needle", "passkey")]:
             del row[key]
     position = [t for t in targets(report) if t["target"].startswith("HyPE better")]
-    assert len(position) == 1 and position[0]["met"] is None and "retrieval tasks" in position[0]["value"]
+    assert len(position) == 1 and position[0]["met"] is None and "retrieval not evaluated" in position[0]["value"]
     write_results(report, str(tmp_path / "results.md"))
     page = (tmp_path / "results.md").read_text()
     assert "Held-out loss by position" in page and "needle@4x not evaluated" in page
+
+
+def test_command_line_changes_are_what_ran(smoke):
+    """The smoke run's --set changes reached the training (its report has the broken ablation and two workers), its
+    results folder keeps the recipe as it ran, and the report's command gives the changes back."""
+    work, report, recipe = smoke
+    ran = yaml.safe_load((work / "results" / "recipe.yaml").read_text())
+    assert ran == apply_overrides(load_recipe(SMOKE), SMOKE_SETS) and ran["ablations"]["broken"] == BROKEN
+    assert report["ablation_workers"] == 2 and "error" in report["ablations"]["broken"]
+    words = shlex.split(report["command"])
+    assert [words[i + 1] for i, w in enumerate(words) if w == "--set"] == SMOKE_SETS
+
+
+def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch):
+    recipe = load_recipe(GPU)
+    changed = apply_overrides(recipe, ["stages.pretrain.train_iters=3300", "eval.tasks=[]",
+                                       "+stages.distill.optimizer=muon", "+eval.note=two words"],
+                              ablations="muon_lr_4e-3, gated_deltanet")
+    assert changed["stages"]["pretrain"]["train_iters"] == 3300 and changed["eval"]["tasks"] == []
+    assert changed["stages"]["distill"]["optimizer"] == "muon" and changed["eval"]["note"] == "two words"
+    assert list(changed["ablations"]) == ["gated_deltanet", "muon_lr_4e-3"]  # the recipe's order
+    assert recipe == load_recipe(GPU)  # the loaded recipe is left as it was
+    assert apply_overrides(recipe, ablations="none")["ablations"] == {}
+    for sets, ablations, words in [
+            (["stages.pretrain.train_iter=5"], None, "no key stages.pretrain.train_iter; keys there: train_iters"),
+            (["stages.pretrian.lr=1"], None, "no mapping stages.pretrian; its keys there: pretrain, align"),
+            (["stages.pretrain.lr.x=1"], None, "no mapping stages.pretrain.lr"),
+            (["stages.pretrain.lr"], None, "give dotted.key=VALUE"),
+            ([], "muon,nope", "--ablations: muon, nope not in the recipe; its ablations: rope_everywhere")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            apply_overrides(recipe, sets, ablations)
+
+    import tools.halo as halo
+    import megatron_hypenet.recipe as recipe_module
+
+    seen = {}
+    monkeypatch.setattr(recipe_module, "run_recipe", lambda path, work, **kw: seen.update(path=path, work=work, **kw))
+    halo.main(["--recipe", GPU, "--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"])
+    assert seen["sets"] == ["eval.tasks=[]"] and seen["ablations"] == "muon_lr_2e-3" and seen["work"] is None
+    assert shlex.split(seen["command"])[-4:] == ["--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"]

@@ -101,8 +101,10 @@ def targets(report: dict) -> list:
     failed = [name for name in position if name not in models]
     if failed:
         out.append({"target": target, "value": f"{', '.join(failed)} failed", "met": None})
-    elif len(position) < 2 or len(lengths) < 2 or not tasks:
-        out.append({"target": target, "value": "ablations, lengths or retrieval tasks not evaluated", "met": None})
+    elif not tasks:
+        out.append({"target": target, "value": "retrieval not evaluated (eval.tasks is empty)", "met": None})
+    elif len(position) < 2 or len(lengths) < 2:
+        out.append({"target": target, "value": "ablations or lengths not evaluated", "met": None})
     else:
         runs = {name: replicate_rows(report, name) for name in (STUDENT, *position)}
         label = lambda name: name if len(runs[name]) == 1 else f"{name} ({len(runs[name])} runs)"  # noqa: E731
