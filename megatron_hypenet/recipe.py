@@ -6,7 +6,9 @@ stage whose checkpoint is already complete is skipped and an interrupted one res
 recipe continues it. A stage pre-empted by SIGTERM / SIGUSR1 (it saves and returns early) stops the whole
 recipe: the next stage must not start from a half-trained one.
 
-Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml):
+Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml); tools/halo.py's `--set` and
+`--ablations` change them on the command line (`apply_overrides`, after `base`), and the work folder keeps the recipe
+as it ran (`recipe.yaml`):
 
 - `base: other.yaml` (a path relative to this recipe): start from that recipe, and let each top-level key of this
   file replace the base's whole (an `ablations` key replaces all of the base's ablations; `stages` all its stages).
