@@ -454,7 +454,8 @@ def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, 
     from megatron_hypenet.checkpoint import start_save_helper
 
     if command is None:  # the tools/halo.py command line of this call
-        command = shlex.join(["python", "tools/halo.py", "--recipe", path, *(["--work-dir", work_dir] if work_dir else []),
+        command = shlex.join(["python", "tools/halo.py", "--recipe", path,
+                              *(["--work-dir", work_dir] if work_dir else []),
                               *(x for item in sets for x in ("--set", item)),
                               *(["--ablations", ablations] if ablations is not None else [])])
     recipe = apply_overrides(load_recipe(path), sets, ablations)  # a bad --set fails before any process starts

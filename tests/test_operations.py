@@ -348,39 +348,41 @@ def check_async_save_holds_the_state_at_the_save(teacher, save, device="cpu"):
     from megatron_hypenet.config import config_from_description, read_model_description
     from megatron_hypenet.model import build_model
 
-    parallel.initialize(1, 1)
-    desc = read_model_description(checkpoint.resolve(teacher))
+    # the group is destroyed after, if made here: NCCL warns at exit of a pytest process that kept one
+    with parallel.process_group():
+        parallel.initialize(1, 1)
+        desc = read_model_description(checkpoint.resolve(teacher))
 
-    def model_and_optimizer():
-        model = build_model(config_from_description(desc), desc["vocab_size"], desc["tie_word_embeddings"]).to(device)
-        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+        def model_and_optimizer():
+            model = build_model(config_from_description(desc), desc["vocab_size"], desc["tie_word_embeddings"])
+            return model.to(device), torch.optim.AdamW(model.parameters(), lr=0.1)
 
-    def step(model, optimizer):
-        for p in model.parameters():
-            p.grad = torch.randn_like(p)
-        optimizer.step()
+        def step(model, optimizer):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            optimizer.step()
 
-    def snapshot(model, optimizer):
-        moments = [t for s in optimizer.state.values() for k, t in sorted(s.items()) if k != "step"]
-        return [t.detach().cpu().clone() for t in [*model.parameters(), *moments]]
+        def snapshot(model, optimizer):
+            moments = [t for s in optimizer.state.values() for k, t in sorted(s.items()) if k != "step"]
+            return [t.detach().cpu().clone() for t in [*model.parameters(), *moments]]
 
-    model, optimizer = model_and_optimizer()
-    checkpoint.load_checkpoint(teacher, model, desc, load_state=False)
-    step(model, optimizer)
-    at_save = snapshot(model, optimizer)
-    saves = checkpoint.AsyncSaves()
-    path = checkpoint.save_checkpoint(save, 1, model, desc, optimizer, {"iteration": 1}, async_saves=saves)
-    step(model, optimizer)  # in place, while the write runs
-    assert len(saves) == 1 and tracker(save) is None and not os.path.exists(path)  # committed only by poll/wait
-    saves.wait()
-    assert len(saves) == 0 and tracker(save) == 1 and os.path.isdir(path)
-    loaded, loaded_optimizer = model_and_optimizer()
-    checkpoint.load_checkpoint(save, loaded, desc, loaded_optimizer)
-    after = snapshot(model, optimizer)
-    got = snapshot(loaded, loaded_optimizer)
-    assert len(got) == len(at_save) == len(after) > 0
-    assert all(not torch.equal(a, b) for a, b in zip(at_save, after))  # the step changed every tensor
-    assert all(torch.equal(g, a) for g, a in zip(got, at_save))
+        model, optimizer = model_and_optimizer()
+        checkpoint.load_checkpoint(teacher, model, desc, load_state=False)
+        step(model, optimizer)
+        at_save = snapshot(model, optimizer)
+        saves = checkpoint.AsyncSaves()
+        path = checkpoint.save_checkpoint(save, 1, model, desc, optimizer, {"iteration": 1}, async_saves=saves)
+        step(model, optimizer)  # in place, while the write runs
+        assert len(saves) == 1 and tracker(save) is None and not os.path.exists(path)  # committed only by poll/wait
+        saves.wait()
+        assert len(saves) == 0 and tracker(save) == 1 and os.path.isdir(path)
+        loaded, loaded_optimizer = model_and_optimizer()
+        checkpoint.load_checkpoint(save, loaded, desc, loaded_optimizer)
+        after = snapshot(model, optimizer)
+        got = snapshot(loaded, loaded_optimizer)
+        assert len(got) == len(at_save) == len(after) > 0
+        assert all(not torch.equal(a, b) for a, b in zip(at_save, after))  # the step changed every tensor
+        assert all(torch.equal(g, a) for g, a in zip(got, at_save))
 
 
 def test_async_save_holds_the_state_at_the_save(env):
