@@ -905,3 +905,7 @@ def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch):
     halo.main(["--recipe", GPU, "--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"])
     assert seen["sets"] == ["eval.tasks=[]"] and seen["ablations"] == "muon_lr_2e-3" and seen["work"] is None
     assert shlex.split(seen["command"])[-4:] == ["--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"]
+    seen.clear()
+    with pytest.raises(SystemExit) as usage:
+        halo.main(["--recipe", GPU, "--set", "stages.pretrain.train_iter=5"])
+    assert usage.value.code == 2 and not seen  # refused before the recipe runs
