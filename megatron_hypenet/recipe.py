@@ -124,6 +124,10 @@ def load_recipe(path: str, _children: tuple = ()) -> dict:
     return {**load_recipe(base_path, chain), **recipe}
 
 
+class RecipeOverrideError(ValueError):
+    """A --set or --ablations that does not fit the recipe: a usage error, raised before anything runs."""
+
+
 def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> dict:
     """The recipe with command-line changes (tools/halo.py --set, --ablations), so that one experiment on a recipe
     needs no edited copy of it and the report's command says what changed.
@@ -137,16 +141,16 @@ def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> d
         add = key.startswith("+")
         path = key.lstrip("+").split(".")
         if not sep or not all(path):
-            raise ValueError(f"--set {item!r}: give dotted.key=VALUE, e.g. stages.pretrain.train_iters=3300")
+            raise RecipeOverrideError(f"--set {item!r}: give dotted.key=VALUE, e.g. stages.pretrain.train_iters=3300")
         node = recipe
         for i, part in enumerate(path[:-1]):
             if not isinstance(node.get(part), dict):
                 where = ".".join(path[:i + 1])
-                raise ValueError(f"--set {item!r}: the recipe has no mapping {where}; its keys there: "
+                raise RecipeOverrideError(f"--set {item!r}: the recipe has no mapping {where}; its keys there: "
                                  f"{', '.join(map(str, node)) or 'none'}")
             node = node[part]
         if path[-1] not in node and not add:
-            raise ValueError(f"--set {item!r}: the recipe has no key {key}; keys there: "
+            raise RecipeOverrideError(f"--set {item!r}: the recipe has no key {key}; keys there: "
                              f"{', '.join(map(str, node)) or 'none'} (write +{key}=... to add one)")
         node[path[-1]] = yaml.safe_load(text)
     if ablations is not None:
@@ -154,7 +158,7 @@ def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> d
         keep = [] if ablations.strip() == "none" else [n.strip() for n in ablations.split(",") if n.strip()]
         unknown = [n for n in keep if n not in known]
         if unknown:
-            raise ValueError(f"--ablations: {', '.join(unknown)} not in the recipe; its ablations: "
+            raise RecipeOverrideError(f"--ablations: {', '.join(unknown)} not in the recipe; its ablations: "
                              f"{', '.join(known) or 'none'}")
         recipe["ablations"] = {n: spec for n, spec in known.items() if n in keep}
     return recipe
@@ -442,23 +446,22 @@ def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, s
                ablations: Optional[str] = None) -> dict:
     """Runs the recipe (with `apply_overrides`' changes) and returns its report; after a pre-emption, {"preempted":
     <which stage, where>} (the caller exits 0, as a pre-empted pretrain_hypenet.py does, and re-running continues)."""
-    try:
-        return _run_recipe(path, work_dir, command, sets, ablations)
-    except Preempted as stop:
-        log.warning("recipe pre-empted: %s, after its checkpoint; re-run the same command to continue", stop)
-        return {"preempted": str(stop)}
-
-
-def _run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, sets=(),
-                ablations: Optional[str] = None) -> dict:
-    from megatron_hypenet.checkpoint import start_save_helper
-
     if command is None:  # the tools/halo.py command line of this call
         command = shlex.join(["python", "tools/halo.py", "--recipe", path,
                               *(["--work-dir", work_dir] if work_dir else []),
                               *(x for item in sets for x in ("--set", item)),
                               *(["--ablations", ablations] if ablations is not None else [])])
     recipe = apply_overrides(load_recipe(path), sets, ablations)  # a bad --set fails before any process starts
+    try:
+        return _run_recipe(recipe, work_dir, command)
+    except Preempted as stop:
+        log.warning("recipe pre-empted: %s, after its checkpoint; re-run the same command to continue", stop)
+        return {"preempted": str(stop)}
+
+
+def _run_recipe(recipe: dict, work_dir: Optional[str], command: str) -> dict:
+    from megatron_hypenet.checkpoint import start_save_helper
+
     start_save_helper()  # before the teacher's conversion saves: a pre-empted stage's final save needs it alive
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
@@ -566,8 +569,7 @@ def write_report(report: dict, work: str, pages: bool) -> None:
     if pages:
         os.makedirs(os.path.join(work, "results"), exist_ok=True)
         paths.append(os.path.join(work, "results", "report.json"))
-        if os.path.exists(os.path.join(work, "recipe.yaml")):
-            shutil.copy(os.path.join(work, "recipe.yaml"), os.path.join(work, "results", "recipe.yaml"))
+        shutil.copy(os.path.join(work, "recipe.yaml"), os.path.join(work, "results", "recipe.yaml"))  # _run_recipe's
     for path in paths:
         with open(path, "w") as f:
             json.dump(report, f, indent=2)

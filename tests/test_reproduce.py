@@ -878,7 +878,7 @@ def test_command_line_changes_are_what_ran(smoke):
     assert [words[i + 1] for i, w in enumerate(words) if w == "--set"] == SMOKE_SETS
 
 
-def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch):
+def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch, tmp_path):
     recipe = load_recipe(GPU)
     changed = apply_overrides(recipe, ["stages.pretrain.train_iters=3300", "eval.tasks=[]",
                                        "+stages.distill.optimizer=muon", "+eval.note=two words"],
@@ -900,12 +900,12 @@ def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch):
     import tools.halo as halo
     import megatron_hypenet.recipe as recipe_module
 
+    work = tmp_path / "work"
+    with pytest.raises(SystemExit) as usage:
+        halo.main(["--recipe", GPU, "--work-dir", str(work), "--set", "stages.pretrain.train_iter=5"])
+    assert usage.value.code == 2 and not work.exists()  # refused before the recipe runs
     seen = {}
     monkeypatch.setattr(recipe_module, "run_recipe", lambda path, work, **kw: seen.update(path=path, work=work, **kw))
     halo.main(["--recipe", GPU, "--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"])
     assert seen["sets"] == ["eval.tasks=[]"] and seen["ablations"] == "muon_lr_2e-3" and seen["work"] is None
     assert shlex.split(seen["command"])[-4:] == ["--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"]
-    seen.clear()
-    with pytest.raises(SystemExit) as usage:
-        halo.main(["--recipe", GPU, "--set", "stages.pretrain.train_iter=5"])
-    assert usage.value.code == 2 and not seen  # refused before the recipe runs

@@ -30,16 +30,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not os.path.exists(args.recipe):
         parser.error(f"--recipe {args.recipe}: file not found")
-    from megatron_hypenet.recipe import apply_overrides, load_recipe, run_recipe
-
-    try:  # a typo in --set or --ablations is a usage error, said before anything starts
-        apply_overrides(load_recipe(args.recipe), args.set, args.ablations)
-    except ValueError as err:
-        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from megatron_hypenet.recipe import RecipeOverrideError, run_recipe
 
     command = shlex.join(["python", "tools/halo.py", *(sys.argv[1:] if argv is None else argv)])
-    return run_recipe(args.recipe, args.work_dir, command=command, sets=args.set, ablations=args.ablations)
+    try:
+        return run_recipe(args.recipe, args.work_dir, command=command, sets=args.set, ablations=args.ablations)
+    except RecipeOverrideError as err:  # raised before anything starts: a usage error, said as one
+        parser.error(str(err))
 
 
 if __name__ == "__main__":
