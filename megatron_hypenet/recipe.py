@@ -8,7 +8,7 @@ recipe: the next stage must not start from a half-trained one.
 
 Recipe keys beyond the stages (see examples/tiny.yaml and examples/reproduce.yaml); tools/halo.py's `--set` and
 `--ablations` change them on the command line (`apply_overrides`, after `base`), and the work folder keeps the recipe
-as it ran (`recipe.yaml`):
+as it ran (`recipe.yaml`; a re-run with another recipe keeps the one before as `recipe.<n>.yaml`):
 
 - `base: other.yaml` (a path relative to this recipe): start from that recipe, and let each top-level key of this
   file replace the base's whole (an `ablations` key replaces all of the base's ablations; `stages` all its stages).
@@ -459,14 +459,44 @@ def run_recipe(path: str, work_dir: str = None, command: Optional[str] = None, s
         return {"preempted": str(stop)}
 
 
+def _changed_keys(before, after, prefix: str = "") -> List[str]:
+    """The dotted keys whose values differ, at the first level where they do (a removed ablation is one key)."""
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return [] if before == after else [prefix.rstrip(".")]
+    missing = object()
+    return [k for key in {**before, **after}
+            for k in _changed_keys(before.get(key, missing), after.get(key, missing), f"{prefix}{key}.")]
+
+
+def _record_recipe(work: str, recipe: dict) -> None:
+    """Writes <work>/recipe.yaml, what this run trains (the file, its base and the overrides). Re-running a work folder
+    with another recipe continues it: finished stages keep what they were trained with. So the recipe it replaces is
+    kept as recipe.<n>.yaml and the changed keys are logged, not lost."""
+    path = os.path.join(work, "recipe.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = yaml.safe_load(f)
+        if before != recipe:
+            changed = _changed_keys(before, recipe)
+            n = 1
+            while os.path.exists(os.path.join(work, f"recipe.{n}.yaml")):
+                n += 1
+            os.replace(path, os.path.join(work, f"recipe.{n}.yaml"))
+            log.warning("%s: continuing a run with another recipe (changed: %s); stages already finished keep the "
+                        "earlier values, kept in recipe.%d.yaml", work, ", ".join(changed), n)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
 def _run_recipe(recipe: dict, work_dir: Optional[str], command: str) -> dict:
     from megatron_hypenet.checkpoint import start_save_helper
 
     start_save_helper()  # before the teacher's conversion saves: a pre-empted stage's final save needs it alive
     work = work_dir or recipe.get("work_dir", os.path.join("runs", recipe.get("name", "recipe")))
     os.makedirs(work, exist_ok=True)
-    with open(os.path.join(work, "recipe.yaml"), "w") as f:  # what this run trains: the file, base and overrides
-        yaml.safe_dump(recipe, f, sort_keys=False)
+    _record_recipe(work, recipe)
     ablations = recipe.get("ablations") or {}
     check_ablations(ablations, recipe.get("stages", {}), recipe.get("common", {}))
     workers = recipe.get("ablation_workers", 1)

@@ -909,3 +909,23 @@ def test_set_and_ablations_change_a_recipe_or_say_what_it_has(monkeypatch, tmp_p
     halo.main(["--recipe", GPU, "--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"])
     assert seen["sets"] == ["eval.tasks=[]"] and seen["ablations"] == "muon_lr_2e-3" and seen["work"] is None
     assert shlex.split(seen["command"])[-4:] == ["--set", "eval.tasks=[]", "--ablations", "muon_lr_2e-3"]
+
+
+def test_a_continued_run_with_another_recipe_keeps_the_one_before(tmp_path, caplog):
+    from megatron_hypenet.recipe import _record_recipe
+
+    recipe = load_recipe(GPU)
+    _record_recipe(str(tmp_path), recipe)
+    _record_recipe(str(tmp_path), recipe)  # the same recipe continued: nothing to keep
+    assert sorted(os.listdir(tmp_path)) == ["recipe.yaml"] and not caplog.records
+    changed = apply_overrides(recipe, ["stages.distill.lr=1e-3", "eval.tasks=[]"], ablations="none")
+    _record_recipe(str(tmp_path), changed)
+    assert yaml.safe_load((tmp_path / "recipe.1.yaml").read_text()) == recipe
+    assert yaml.safe_load((tmp_path / "recipe.yaml").read_text()) == changed
+    warning = caplog.records[-1].getMessage()
+    keys = re.search(r"changed: (.*)\); ", warning).group(1).split(", ")
+    assert sorted(keys) == sorted(["stages.distill.lr", "eval.tasks", *(f"ablations.{n}" for n in recipe["ablations"])])
+    assert "recipe.1.yaml" in warning
+    _record_recipe(str(tmp_path), recipe)  # and back: the second change is kept too, not written over the first
+    assert yaml.safe_load((tmp_path / "recipe.2.yaml").read_text()) == changed
+    assert sorted(os.listdir(tmp_path)) == ["recipe.1.yaml", "recipe.2.yaml", "recipe.yaml"]
