@@ -7,6 +7,7 @@ from typing import List, Optional
 import yaml
 
 from .config import RNN_MIXERS
+from .files import replaced_atomically
 
 OPTIMIZERS = ("adamw", "muon")  # --optimizer: optimizer.py
 SELECT_SCORES = ("ratio", "recall")  # --select-score: halo/select.py's importance_scores
@@ -222,8 +223,6 @@ def save_resolved(args: argparse.Namespace, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "config.yaml")
     values = {k: v for k, v in vars(args).items() if k != "config"}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with replaced_atomically(path) as f:
         yaml.safe_dump(values, f, sort_keys=True)
-    os.replace(tmp, path)
     return path

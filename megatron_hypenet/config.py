@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from .files import replaced_atomically
 from .patterns import ATTENTION, LIGHTNING
 
 GATED_DELTA = "D"
@@ -201,10 +202,8 @@ def model_description(config: HypeNetConfig, vocab_size: int, tie_word_embedding
 
 
 def write_model_description(directory: str, desc: dict) -> None:
-    tmp = os.path.join(directory, MODEL_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with replaced_atomically(os.path.join(directory, MODEL_FILE)) as f:
         json.dump(desc, f, indent=2)
-    os.replace(tmp, os.path.join(directory, MODEL_FILE))
 
 
 # Fields added after checkpoints were first written: a description without one was saved with this value.

@@ -65,6 +65,7 @@ from typing import List, Optional
 import torch
 import yaml
 
+from megatron_hypenet.files import replaced_atomically
 from megatron_hypenet.patterns import evenly_spaced as even_pattern  # "even" in recipes and ablations
 
 log = logging.getLogger("megatron_hypenet")
@@ -147,11 +148,11 @@ def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> d
             if not isinstance(node.get(part), dict):
                 where = ".".join(path[:i + 1])
                 raise RecipeOverrideError(f"--set {item!r}: the recipe has no mapping {where}; its keys there: "
-                                 f"{', '.join(map(str, node)) or 'none'}")
+                                          f"{', '.join(map(str, node)) or 'none'}")
             node = node[part]
         if path[-1] not in node and not add:
             raise RecipeOverrideError(f"--set {item!r}: the recipe has no key {key}; keys there: "
-                             f"{', '.join(map(str, node)) or 'none'} (write +{key}=... to add one)")
+                                      f"{', '.join(map(str, node)) or 'none'} (write +{key}=... to add one)")
         node[path[-1]] = yaml.safe_load(text)
     if ablations is not None:
         known = recipe.get("ablations") or {}
@@ -159,7 +160,7 @@ def apply_overrides(recipe: dict, sets=(), ablations: Optional[str] = None) -> d
         unknown = [n for n in keep if n not in known]
         if unknown:
             raise RecipeOverrideError(f"--ablations: {', '.join(unknown)} not in the recipe; its ablations: "
-                             f"{', '.join(known) or 'none'}")
+                                      f"{', '.join(known) or 'none'}")
         recipe["ablations"] = {n: spec for n, spec in known.items() if n in keep}
     return recipe
 
@@ -484,10 +485,8 @@ def _record_recipe(work: str, recipe: dict) -> None:
             os.replace(path, os.path.join(work, f"recipe.{n}.yaml"))
             log.warning("%s: continuing a run with another recipe (changed: %s); stages already finished keep the "
                         "earlier values, kept in recipe.%d.yaml", work, ", ".join(changed), n)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with replaced_atomically(path) as f:
         yaml.safe_dump(recipe, f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 def _run_recipe(recipe: dict, work_dir: Optional[str], command: str) -> dict:

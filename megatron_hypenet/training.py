@@ -26,6 +26,7 @@ from .convert import TOKENIZER_DIR, copy_tokenizer, find_tokenizer
 from .cuda_graph import CapturedStep
 from .data import build_gpt_datasets, make_dataloader
 from .distributed_optimizer import DistributedOptimizer
+from .files import replaced_atomically
 from .halo.stages import build_stage
 from .model import compile_layers
 from .optimizer import build_optimizer
@@ -177,9 +178,8 @@ def truncate_metrics(path: str, last_iteration: int) -> None:
         if row.get("iteration", 0) <= last_iteration:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep != lines:
-        with open(path + ".tmp", "w") as f:
+        with replaced_atomically(path) as f:
             f.writelines(keep)
-        os.replace(path + ".tmp", path)
 
 
 def check_tokenizer(tokenizer_dir: str, desc: dict) -> None:

@@ -620,3 +620,19 @@ print("made twice")
     # torch's barrier() warning and NCCL's "Guessing device ID" both name device_id when a barrier has no device:
     # neither may show, for parallel.barrier nor for megatron-core's own barriers
     assert "device_id" not in out.stderr, out.stderr[-3000:]
+
+
+def test_a_write_that_fails_midway_leaves_the_file_as_it_was(tmp_path):
+    from megatron_hypenet.files import replaced_atomically
+
+    path = str(tmp_path / "config.yaml")
+    with replaced_atomically(path) as f:
+        f.write("old\n")
+    with pytest.raises(RuntimeError):
+        with replaced_atomically(path) as f:
+            f.write("half of the ne")
+            raise RuntimeError("killed mid-write")
+    assert open(path).read() == "old\n"
+    with replaced_atomically(path) as f:
+        f.write("new\n")
+    assert open(path).read() == "new\n" and sorted(os.listdir(tmp_path)) == ["config.yaml"]

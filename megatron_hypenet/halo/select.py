@@ -33,6 +33,7 @@ from ..arguments import SELECT_SCORES
 from ..config import ATTENTION, RNN_MIXERS, read_model_description
 from ..convert import find_tokenizer
 from ..data import build_gpt_datasets, load_tokenizer, make_dataloader
+from ..files import replaced_atomically
 from ..losses import full_logits
 from ..retrieval import (TextFiller, lm_loss, make_kv_examples, make_needle_examples, make_passkey_examples,
                          retrieval_accuracy)
@@ -155,9 +156,8 @@ def run_select(args) -> dict:
         os.makedirs(args.save, exist_ok=True)
         with open(os.path.join(args.save, "layer_pattern.txt"), "w") as f:
             f.write(pattern + "\n")
-        with open(done + ".tmp", "w") as f:
+        with replaced_atomically(done) as f:
             json.dump(result, f, indent=2)
-        os.replace(done + ".tmp", done)
     if parallel.is_rank0():
         print(format_selection(result))
     return result
