@@ -570,7 +570,7 @@ def test_gpu_recipe_sizes_and_budget():
         num_query_groups=spec["kv_heads"], kv_channels=spec["head_dim"], ffn_hidden_size=spec["ffn"],
         vocab_size=recipe["make_tiny_teacher"]["tokenizer_vocab_size"], tie_word_embeddings=spec["tie"])
     assert recipe["stages"]["pretrain"]["compile"]  # 2.04x on an H200 (docs/benchmarks.md)
-    # runs 20-22 (docs/results.md) trained every model with these; fast_smoke checks the same flags end to end
+    # runs 20-24 (docs/results_runs.md) trained every model with these; fast_smoke checks the same flags end to end
     assert (FAST_GRAPHED, FAST_COMPILED) == (("align", "distill", "finetune"), ("distill",))
     assert 1024 <= recipe["common"]["seq_length"] <= 2048 and recipe["common"]["bf16"]
     tokens = {stage: planned_tokens(recipe, stage) for stage in ("pretrain", *HALO_STAGES)}
