@@ -12,11 +12,8 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from .files import replaced_atomically
-from .patterns import ATTENTION, LIGHTNING
+from .patterns import ATTENTION, GATED_DELTA, LIGHTNING, RNN_MIXERS  # noqa: F401  (re-exported to the stages)
 
-GATED_DELTA = "D"
-# --rnn-mixer: the letter the HALO stages write where they make a layer an RNN mixer
-RNN_MIXERS = {"lightning": LIGHTNING, "gated_deltanet": GATED_DELTA}
 MIXER_NAMES = {ATTENTION: "softmax attention", LIGHTNING: "Lightning Attention", GATED_DELTA: "Gated DeltaNet"}
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
 # Selective recompute targets our layers support: "core_attn" is each mixer's core (layers._Mixer.core),

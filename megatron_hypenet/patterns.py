@@ -3,7 +3,9 @@
 Plain Python (no torch), so tools/estimate_memory.py can use it on any machine.
 """
 
-ATTENTION, LIGHTNING = "A", "L"
+ATTENTION, LIGHTNING, GATED_DELTA = "A", "L", "D"
+# --rnn-mixer: the letter the HALO stages write where they make a layer an RNN mixer
+RNN_MIXERS = {"lightning": LIGHTNING, "gated_deltanet": GATED_DELTA}
 
 
 def pattern_with_attention(num_layers: int, attention_layers, rnn: str = LIGHTNING) -> str:

@@ -120,10 +120,12 @@ def test_bucket_bounds():
     assert eval_long_context.bucket_bounds(4096, [1, 2, 4]) == [(0, 4096), (4096, 8192), (8192, 16384)]
 
 
-def test_bench_cpu_tiny_smoke(tmp_path, capsys):
+@pytest.mark.parametrize("rnn_mixer, pattern", [("lightning", "LLLLLLLA"), ("gated_deltanet", "DDDDDDDA")])
+def test_bench_cpu_tiny_smoke(tmp_path, capsys, rnn_mixer, pattern):
     out = tmp_path / "bench.json"
     result = bench_inference.main(["--device", "cpu", "--tiny", "--dtype", "float32", "--lengths", "40", "70",
-                                   "--prefill-chunk", "32", "--out", str(out)])
+                                   "--prefill-chunk", "32", "--rnn-mixer", rnn_mixer, "--out", str(out)])
+    assert result["info"]["hypenet_layer_pattern"] == pattern
     assert result["info"]["logits_check"]["qwen3"] < 1e-4 and result["info"]["logits_check"]["hypenet"] < 1e-4
     saved = json.loads(out.read_text())
     assert [r["length"] for r in saved["results"]] == [40, 70]
@@ -136,6 +138,9 @@ def test_bench_cpu_tiny_smoke(tmp_path, capsys):
 def test_bench_layer_pattern_and_args():
     assert bench_inference.hybrid_pattern(28, 1 / 8) == "LLLLLLALLLLLLALLLLLLALLLLLLA"
     assert bench_inference.hybrid_pattern(8, 1 / 8) == "LLLLLLLA"
+    assert bench_inference.hybrid_pattern(8, 1 / 4, "D") == "DDDADDDA"
+    with pytest.raises(SystemExit):
+        bench_inference.parse_args(["--rnn-mixer", "mamba"])
     with pytest.raises(SystemExit):
         bench_inference.parse_args(["--lengths", "0"])
 

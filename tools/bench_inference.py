@@ -25,6 +25,7 @@ then the whole step is captured in one CUDA graph. `check_against_hf` compares i
 before anything is timed.
 
     python tools/bench_inference.py --lengths 8192 32768 131072 --out results.json
+    python tools/bench_inference.py --rnn-mixer gated_deltanet --lengths 8192 131072   # Gated DeltaNet RNN layers
     python tools/bench_inference.py --device cpu --tiny --lengths 64 128   # smoke test, no GPU
 """
 
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from kernels import gated_delta_rule_step  # noqa: E402
 from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
-from megatron_hypenet.patterns import evenly_spaced  # noqa: E402
+from megatron_hypenet.patterns import LIGHTNING, RNN_MIXERS, evenly_spaced  # noqa: E402
 from megatron_hypenet.hf.modeling_hypenet import (  # noqa: E402
     HypeNetForCausalLM,
     HypeNetGatedDeltaNet,
@@ -68,10 +69,11 @@ SPLIT = 1024  # decode attention reads the KV cache in splits of this many token
 DEFAULT_LENGTHS = (8192, 32768, 131072, 262144, 524288, 1048576)
 
 
-def hybrid_pattern(num_layers: int, attention_fraction: float) -> str:
+def hybrid_pattern(num_layers: int, attention_fraction: float, rnn: str = LIGHTNING) -> str:
     """`round(num_layers * fraction)` attention layers spread evenly, the last layer one of them
-    (28 layers at 1/8: 4 attention layers, 6 13 20 27; rounding up keeps the comparison conservative)."""
-    return evenly_spaced(num_layers, max(1, round(num_layers * attention_fraction)))
+    (28 layers at 1/8: 4 attention layers, 6 13 20 27; rounding up keeps the comparison conservative),
+    the others of the RNN mixer `rnn` (a pattern letter)."""
+    return evenly_spaced(num_layers, max(1, round(num_layers * attention_fraction)), rnn)
 
 
 def build_models(shape: dict, pattern: str, device, dtype, seed: int = 0):
@@ -476,6 +478,8 @@ def parse_args(argv=None):
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS), help="context lengths (tokens)")
     p.add_argument("--models", nargs="+", default=["hypenet", "qwen3"], choices=["hypenet", "qwen3"])
     p.add_argument("--attention-fraction", type=float, default=1 / 8, help="share of HypeNet layers that are attention")
+    p.add_argument("--rnn-mixer", default="lightning", choices=sorted(RNN_MIXERS),
+                   help="the HypeNet's RNN layers (the same choice as pretrain_hypenet.py's --rnn-mixer)")
     p.add_argument("--prefill-chunk", type=int, default=16384, help="prefill chunk (tokens)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -508,7 +512,7 @@ def main(argv=None) -> dict:
         raise SystemExit("no CUDA device: pass --device cpu (with --tiny) for a smoke test")
     backend = args.compile if args.compile != "auto" else ("inductor" if device.type == "cuda" else "none")
     shape = TINY if args.tiny else QWEN3_1_7B
-    pattern = hybrid_pattern(shape["num_hidden_layers"], args.attention_fraction)
+    pattern = hybrid_pattern(shape["num_hidden_layers"], args.attention_fraction, RNN_MIXERS[args.rnn_mixer])
     models, reference = build_models(shape, pattern, device, dtype, args.seed)
     t0 = time.perf_counter()
     try:  # the first decode steps compile (both models' layer kinds)
