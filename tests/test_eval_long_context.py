@@ -163,7 +163,9 @@ def test_lm_eval_hflm_runs_a_hypenet_folder(folders):
 
 
 @pytest.mark.gpu
-def test_bench_gpu_decode_graph_matches_hf(tmp_path):
+@pytest.mark.parametrize("rnn_mixer", ["lightning", "gated_deltanet"])
+def test_bench_gpu_decode_graph_matches_hf(tmp_path, rnn_mixer):
     """On a GPU: the CUDA-graphed decode path agrees with the HF forward (bf16 noise)."""
-    result = bench_inference.main(["--tiny", "--lengths", "256", "--prefill-chunk", "64", "--out", str(tmp_path / "b.json")])
+    result = bench_inference.main(["--tiny", "--lengths", "256", "--prefill-chunk", "64", "--rnn-mixer", rnn_mixer,
+                                   "--out", str(tmp_path / "b.json")])
     assert max(result["info"]["logits_check"].values()) < 0.05
