@@ -447,12 +447,15 @@ def test_decode_updates_conv_tails_in_place(hybrid):
         assert torch.allclose(c.conv_state, f.conv_state, atol=1e-6)
 
 
-def test_bench_decode_step_runs_gated_deltanet_layers_as_hf_does():
+@pytest.mark.parametrize("step_op", [True, False])  # the custom op (Triton on GPU), the PyTorch step inlined
+def test_bench_decode_step_runs_gated_deltanet_layers_as_hf_does(monkeypatch, step_op):
     """A 'D' layer's decode step is the gated delta rule with its own a/b projections, A_log and dt_bias
     (the Lightning step there gave a relative logits error of ~1)."""
     import torch._dynamo
 
     from tools import bench_inference
+
+    monkeypatch.setattr(bench_inference, "GATED_DELTA_TRITON_STEP", step_op)
 
     torch.manual_seed(0)
     model = _perturb(HypeNetForCausalLM(_hybrid_config(layer_pattern="DA", num_hidden_layers=2)))

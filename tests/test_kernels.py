@@ -1,6 +1,6 @@
 """CPU tests of the Triton kernels, run by the Triton interpreter against float64 references: Lightning
 Attention's (and its PyTorch references against each other, float64, with gradcheck) and Gated DeltaNet's
-chunk loop.
+chunk loop and decode step.
 
 The interpreter must be switched on (TRITON_INTERPRET=1) before triton is first imported, which
 a pytest session cannot promise, so ``test_triton_kernels_in_interpreter`` runs this module again
@@ -15,6 +15,7 @@ with NaN first, so an element the kernels fail to write cannot pass.
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -267,6 +268,65 @@ def test_triton_gated_delta_rule_matches_float64_recurrence(cu):
     check_fwd_bwd([o, S], [ro, rS], tri_in, ref_in, "q k v g beta h0".split(), 1e-5, torch.Generator().manual_seed(4))
 
 
+def _step_inputs(B, T, H, DK, DV, dtype, seed=5):
+    """q, k, v, g, beta over T tokens and a start state, float64 (cast by the caller)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, DK, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, T, H, DV, generator=gen, dtype=torch.float64)
+    g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.5
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
+    h0 = torch.randn(B, H, DK, DV, generator=gen, dtype=torch.float64)
+    return [q.to(dtype), k.to(dtype), v.to(dtype), g, beta], h0
+
+
+@interpreted
+@pytest.mark.parametrize("dtype, DK, DV", [(torch.float32, 16, 32), (torch.bfloat16, 16, 32),
+                                           (torch.float32, 24, 80)])  # (24, 80): a masked key tile, 2 value tiles
+def test_triton_gated_delta_step_matches_float64_recurrence(dtype, DK, DV):
+    """Decoding token by token with the Triton step reproduces the float64 recurrence over the same tokens:
+    every output and the final state."""
+    from kernels.gated_delta import gated_delta_rule_recurrent_ref
+    from kernels.gated_delta.fused_recurrent import fused_recurrent_gated_delta_step
+
+    B, T, H = 2, 6, 2
+    (q, k, v, g, beta), h0 = _step_inputs(B, T, H, DK, DV, dtype)
+    ro, rS = gated_delta_rule_recurrent_ref(q.double(), k.double(), v.double(), g, beta, scale=0.7,
+                                            initial_state=h0, output_final_state=True)
+    state = h0.float()
+    outs = []
+    for t in range(T):
+        o, state = fused_recurrent_gated_delta_step(q[:, t], k[:, t], v[:, t], g[:, t].float(), beta[:, t].float(),
+                                                    state, scale=0.7)
+        assert o.dtype == dtype and state.dtype == torch.float32
+        outs.append(o)
+    assert rel_err(torch.stack(outs, 1), ro) < TOL[dtype]
+    assert rel_err(state, rS) < 1e-5
+
+
+@interpreted
+def test_triton_gated_delta_step_in_place():
+    from kernels.gated_delta.chunk import gated_delta_rule_step
+    from kernels.gated_delta.fused_recurrent import fused_recurrent_gated_delta_step
+
+    (q, k, v, g, beta), h0 = _step_inputs(2, 1, 2, 16, 16, torch.float32)
+    step = [q[:, 0], k[:, 0], v[:, 0], g[:, 0].float(), beta[:, 0].float()]
+    state = h0.float()
+    o, new = fused_recurrent_gated_delta_step(*step, state, out_state=state)
+    ro, rnew = gated_delta_rule_step(*step, h0.float())
+    assert new.data_ptr() == state.data_ptr()
+    assert rel_err(o, ro) < 1e-6 and rel_err(new, rnew) < 1e-6
+
+
+def test_gated_delta_step_rejects_bad_shapes():
+    from kernels.gated_delta import gated_delta_rule_step
+
+    (q, k, v, g, beta), h0 = _step_inputs(1, 1, 2, 16, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"step expects q, k \[B, H, Dk\]"):
+        gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0[..., :8])
+    with pytest.raises(ValueError, match="step expects"):
+        gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g, beta[:, 0], h0)
+
+
 @interpreted
 def test_bench_gated_delta_error_check_compares_the_two_loops():
     from tools.bench_gated_delta import check, make_inputs
@@ -293,8 +353,6 @@ def test_gated_delta_launch_configs_fit_hopper_shared_memory():
 def test_gated_delta_dispatch_picks_the_loop(monkeypatch):
     """Which loop gated_delta_rule hands the chunked form, for inputs that claim to be on CUDA."""
     pytest.importorskip("triton")
-    from types import SimpleNamespace
-
     from kernels.gated_delta import LOOP_ENV, _triton_chunk_loop
     from kernels.gated_delta.chunk_triton import chunk_state_loop_triton
 
@@ -315,6 +373,26 @@ def test_gated_delta_dispatch_picks_the_loop(monkeypatch):
     monkeypatch.setenv(LOOP_ENV, "fla")
     with pytest.raises(ValueError, match="'triton' or 'pytorch'"):
         _triton_chunk_loop(q())
+
+
+def test_gated_delta_step_dispatch(monkeypatch):
+    """gated_delta_rule_step takes the Triton step for inputs that claim to be on CUDA, chunk.py's PyTorch step for
+    CPU and fp64 inputs and under LOOP_ENV=pytorch."""
+    pytest.importorskip("triton")
+    import kernels.gated_delta as gd
+    from kernels.gated_delta import fused_recurrent
+
+    seen = []
+    monkeypatch.setattr(fused_recurrent, "fused_recurrent_gated_delta_step", lambda *a: seen.append("triton"))
+    monkeypatch.setattr(gd.chunk, "gated_delta_rule_step", lambda *a: seen.append("pytorch"))
+    monkeypatch.delenv(gd.LOOP_ENV, raising=False)
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    for q in (cuda_bf16, SimpleNamespace(is_cuda=True, dtype=torch.float64), SimpleNamespace(is_cuda=False,
+                                                                                            dtype=torch.float32)):
+        gd.gated_delta_rule_step(q, None, None, None, None, None)
+    monkeypatch.setenv(gd.LOOP_ENV, "pytorch")
+    gd.gated_delta_rule_step(cuda_bf16, None, None, None, None, None)
+    assert seen == ["triton", "pytorch", "pytorch", "pytorch"]
 
 
 def test_triton_gated_delta_chunk_loop_rejects_bad_arguments():

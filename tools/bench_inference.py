@@ -19,7 +19,8 @@ same prefill and decode code: the only difference measured is the layer pattern.
 The decode step (`decode_layer`) runs the HF modules' own `project`/`output`/`mlp` over static buffers:
 attention writes K/V at a tensor position and reads the buffer without repeating it per query head (the
 query heads of a KV group act as query rows), Lightning layers update their fp32 state in place with the
-Triton step kernel (a custom op), Gated DeltaNet layers with the PyTorch step, projections sharing an input
+Triton step kernel (a custom op), Gated DeltaNet layers theirs (a custom op too; with
+HYPENET_GATED_DELTA_LOOP=pytorch the PyTorch step, compiled with the layer), projections sharing an input
 are one matmul. Each layer is compiled by torch.compile (inductor on CUDA: one graph per layer kind, reused by every layer and context length),
 then the whole step is captured in one CUDA graph. `check_against_hf` compares it with the HF forward
 before anything is timed.
@@ -47,7 +48,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from kernels import gated_delta_rule_step  # noqa: E402
+from kernels.gated_delta import LOOP_ENV  # noqa: E402
+from kernels.gated_delta.chunk import gated_delta_rule_step  # noqa: E402
 from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
 from megatron_hypenet.patterns import LIGHTNING, RNN_MIXERS, evenly_spaced  # noqa: E402
@@ -197,12 +199,34 @@ def _(q, k, v, slopes, state, scale):
     return torch.empty_like(v)
 
 
+# Read once: inside the compiled decode step the choice must be a constant.
+GATED_DELTA_TRITON_STEP = os.environ.get(LOOP_ENV, "triton") != "pytorch"
+
+
+@torch.library.custom_op("hypenet_bench::gated_delta_step_", mutates_args=("state",))
+def gated_delta_step_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                      state: torch.Tensor, scale: float) -> torch.Tensor:
+    """One token of Gated DeltaNet updating `state` in place, opaque to torch.compile as `lightning_step_` is."""
+    if q.is_cuda:
+        from kernels.gated_delta.fused_recurrent import fused_recurrent_gated_delta_step
+
+        return fused_recurrent_gated_delta_step(q, k, v, g, beta, state, scale, out_state=state)[0]
+    o, new_state = gated_delta_rule_step(q, k, v, g, beta, state, scale)
+    state.copy_(new_state)
+    return o
+
+
+@gated_delta_step_.register_fake
+def _(q, k, v, g, beta, state, scale):
+    return torch.empty_like(v)
+
+
 def decode_layer(layer, hidden, position_ids, rope, k_cache, v_cache, lightning_cache, slopes, fused):
     """`HypeNetDecoderLayer.forward` for one token at `position_ids` ``[1, 1]``, through the HF modules'
     own `project`/`output`/`mlp`, the projections that share an input taken in one matmul over `fused`
     (`fuse_projections`): attention writes its K/V into the static buffers (in place, at a tensor
     position, so one graph serves every position), Lightning and Gated DeltaNet update their fp32 state
-    in place (Gated DeltaNet by the PyTorch step, its a/b projections fused with q, k, v)."""
+    in place (Gated DeltaNet's a/b projections fused with q, k, v)."""
     w_in, w_mlp, names, sizes = fused
     x = layer.input_layernorm(hidden)
     p = dict(zip(names, F.linear(x, w_in).split(sizes, dim=-1)))
@@ -221,8 +245,11 @@ def decode_layer(layer, hidden, position_ids, rope, k_cache, v_cache, lightning_
         state = lightning_cache.recurrent_state
         if isinstance(la, HypeNetGatedDeltaNet):
             g, beta = la.decay_and_beta(x, projections=(p["a_proj"], p["b_proj"]))
-            o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, la.scale)
-            state.copy_(new_state)  # in place, as the Lightning step: one address every replay
+            if GATED_DELTA_TRITON_STEP:
+                o = gated_delta_step_(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, la.scale)
+            else:
+                o, new_state = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state, la.scale)
+                state.copy_(new_state)  # in place, as the Lightning step: one address every replay
         else:
             o = lightning_step_(q[:, 0], k[:, 0], v[:, 0], slopes, state, la.scale)
         x = la.output(o.reshape(1, 1, -1), x, p.get("g_proj"))

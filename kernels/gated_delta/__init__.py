@@ -1,12 +1,13 @@
 """Gated DeltaNet: the chunked PyTorch form for training and prefill, the one-token step for decoding
 (``chunk.py``), both tested against the token-by-token reference (``naive.py``); on GPU the chunked form's
-loop over chunks runs as a Triton kernel (``chunk_triton.py``)."""
+loop over chunks runs as a Triton kernel (``chunk_triton.py``), and so does the step (``fused_recurrent.py``)."""
 
 import os
 
 import torch
 
-from .chunk import chunk_gated_delta_rule, gated_delta_rule_step
+from . import chunk
+from .chunk import chunk_gated_delta_rule
 from .naive import gated_delta_rule_recurrent_ref
 
 
@@ -14,6 +15,16 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_fi
     """(o, final_state) for q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``, g, beta ``[B, T, H]``; see ``chunk.py``."""
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                   chunk_loop=_triton_chunk_loop(q))
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
+    """One decode token: q, k ``[B, H, Dk]``, v ``[B, H, Dv]``, g, beta ``[B, H]``, state ``[B, H, Dk, Dv]`` -> (o,
+    new state); the Triton step on GPU (``fused_recurrent.py``), ``chunk.py``'s PyTorch step elsewhere."""
+    if _use_triton(q):
+        from .fused_recurrent import fused_recurrent_gated_delta_step
+
+        return fused_recurrent_gated_delta_step(q, k, v, g, beta, state, scale)
+    return chunk.gated_delta_rule_step(q, k, v, g, beta, state, scale)
 
 
 def gated_delta_rule_affine(q, k, v, g, beta, scale=None):
@@ -44,18 +55,30 @@ def entering_state(S0, M, index):
     return S
 
 
-# HYPENET_GATED_DELTA_LOOP=pytorch keeps chunk.py's PyTorch loop on CUDA too: a way around a Triton build that
-# miscompiles the kernel (as fla's gated kernels are on triton 3.6 + Hopper) without changing code
+# HYPENET_GATED_DELTA_LOOP=pytorch keeps chunk.py's PyTorch chunk loop and step on CUDA too: a way around a Triton
+# build that miscompiles the kernels (as fla's gated kernels are on triton 3.6 + Hopper) without changing code
 LOOP_ENV = "HYPENET_GATED_DELTA_LOOP"
 
 
-def _triton_chunk_loop(q):
-    """The Triton chunk loop for CUDA inputs, else None (chunk.py's PyTorch loop). fp64 inputs keep the PyTorch
-    loop (the kernel computes in fp32), as do key heads wider than the kernel was built for."""
+def _use_triton(q) -> bool:
+    """Whether q's op runs a Triton kernel: CUDA inputs, not fp64 (the kernels compute in fp32), Triton importable,
+    and LOOP_ENV not 'pytorch'."""
     choice = os.environ.get(LOOP_ENV, "triton")
     if choice not in ("triton", "pytorch"):
         raise ValueError(f"{LOOP_ENV} must be 'triton' or 'pytorch'; got {choice!r}")
     if choice == "pytorch" or not q.is_cuda or q.dtype == torch.float64:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_chunk_loop(q):
+    """The Triton chunk loop for inputs `_use_triton` accepts, else None (chunk.py's PyTorch loop); key heads wider
+    than the kernel was built for keep the PyTorch loop too."""
+    if not _use_triton(q):
         return None
     try:
         from .chunk_triton import MAX_HEAD_DIM, chunk_state_loop_for

@@ -154,14 +154,18 @@ def _chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final
     return torch.cat(outs, 1).to(out_dtype), final_states(finals, output_final_state)
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
-    """One decode token: q, k ``[B, H, Dk]``, v ``[B, H, Dv]``, g, beta ``[B, H]``, state ``[B, H, Dk, Dv]``
-    (fp32). Returns (o ``[B, H, Dv]``, new state): S' = a S + k (b (v - k^T a S))^T, o = scale q^T S'."""
-    if q.dim() != 3 or k.shape != q.shape or state.shape != (*q.shape, v.shape[-1]) or g.shape != q.shape[:2] \
-            or beta.shape != q.shape[:2]:
+def check_step_inputs(q, k, v, g, beta, state) -> None:
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2] \
+            or state.shape != (*q.shape, v.shape[-1]) or g.shape != q.shape[:2] or beta.shape != q.shape[:2]:
         raise ValueError(f"step expects q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv]; got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
                          f"beta {tuple(beta.shape)}, state {tuple(state.shape)}")
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
+    """One decode token: q, k ``[B, H, Dk]``, v ``[B, H, Dv]``, g, beta ``[B, H]``, state ``[B, H, Dk, Dv]``
+    (fp32). Returns (o ``[B, H, Dv]``, new state): S' = a S + k (b (v - k^T a S))^T, o = scale q^T S'."""
+    check_step_inputs(q, k, v, g, beta, state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = compute_dtype(state)
     with torch.autocast(device_type=q.device.type, enabled=False):  # fp32 state math under an outer autocast

@@ -38,8 +38,8 @@ try:  # an exported folder carries the Gated DeltaNet op beside this file
 except ImportError:  # imported from the megatron_hypenet package
     from kernels.gated_delta.chunk import chunk_gated_delta_rule, gated_delta_rule_step
 
-try:  # megatron-hypenet's entry point where installed (the same op; faster kernels plug in there)
-    from kernels import gated_delta_rule
+try:  # megatron-hypenet's entry points where installed (the same ops; faster kernels plug in there)
+    from kernels import gated_delta_rule, gated_delta_rule_step
 except ImportError:
     gated_delta_rule = chunk_gated_delta_rule
 
