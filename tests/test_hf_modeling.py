@@ -444,7 +444,8 @@ def test_decode_updates_conv_tails_in_place(hybrid):
     fresh_lightning = [c for m, c in zip(model.config.layer_pattern, fresh.layers) if m == "L"]
     for c, ptrs, f in zip(lightning, before, fresh_lightning):
         assert c.conv_state.data_ptr() == ptrs
-        assert torch.allclose(c.conv_state, f.conv_state, atol=1e-6)
+        # fp32 projections of 1 and of 9 tokens round differently: 1.0e-6 measured (torch 2.13 CPU), O(1) if wrong
+        assert torch.allclose(c.conv_state, f.conv_state, atol=1e-5)
 
 
 @pytest.mark.parametrize("step_op", [True, False])  # the custom op (Triton on GPU), the PyTorch step inlined

@@ -76,11 +76,11 @@ def rows(save):
     return [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
 
 
-def assert_same_curve(ref, out, rel=REL):
+def assert_same_curve(ref, out, rel=REL, grad_rel=None):
     assert [r["iteration"] for r in out] == [r["iteration"] for r in ref]
     for a, b in zip(ref, out):
         assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a, b)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=grad_rel or rel), (a, b)
 
 
 @pytest.mark.parametrize("stage, layout", [("pretrain", "pp2_vpp2"), ("align", "pp2"), ("align", "dp2_distopt"),
@@ -99,14 +99,16 @@ def test_muon_keeps_its_matrices_whole_at_pp2_and_dp2(work, layout):
     """--optimizer muon steps each weight matrix whole: split over pipeline stages (the tied embedding on both ends,
     on AdamW) or replicated over data-parallel ranks, pretrain follows the one-process Muon curve.
 
-    Relative 1e-4, not 1e-5: torch's Muon orthogonalises in bf16, where a 1e-7 change of a gradient (another
-    reduction order) can flip a rounding; PP=2 measured 4e-5 on the third grad norm. Muon and AdamW differ by 3e-3
-    at the second step, so a matrix stepped by the wrong optimizer, or split, is far outside it."""
+    Relative 1e-4 on the loss, not 1e-5: torch's Muon orthogonalises in bf16, where a 1e-7 change of a gradient
+    (another reduction order) can flip a rounding. The grad norm, which such a flip moves first, gets 5e-4: PP=2
+    measured 4e-5 on the third step, DP=2 1.02e-4 (torch 2.13 CPU, transformers 5.23, 2026-12-06; its loss there
+    within 3e-7). Muon and AdamW differ by 3e-3 at the second step's loss, so a matrix stepped by the wrong
+    optimizer, or split, is far outside it."""
     ref = rows(train(work, "pretrain", "pp1_muon"))
     adamw = rows(train(work, "pretrain", "pp1"))
     assert ref[0]["loss"] == pytest.approx(adamw[0]["loss"], rel=REL)
     assert abs(ref[1]["loss"] - adamw[1]["loss"]) > 10 * MUON_REL * adamw[1]["loss"]
-    assert_same_curve(ref, rows(train(work, "pretrain", layout)), rel=MUON_REL)
+    assert_same_curve(ref, rows(train(work, "pretrain", layout)), rel=MUON_REL, grad_rel=5 * MUON_REL)
 
 
 def test_checkpoint_saved_with_virtual_pipeline_resumes_at_pp1(work):
