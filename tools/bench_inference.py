@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from kernels.gated_delta import LOOP_ENV  # noqa: E402
+from kernels.gated_delta import triton_chosen  # noqa: E402
 from kernels.gated_delta.chunk import gated_delta_rule_step  # noqa: E402
 from kernels.lightning.naive import lightning_attention_step_ref  # noqa: E402
 from megatron_hypenet.hf.configuration_hypenet import ATTENTION, HypeNetConfig  # noqa: E402
@@ -199,8 +199,8 @@ def _(q, k, v, slopes, state, scale):
     return torch.empty_like(v)
 
 
-# Read once: inside the compiled decode step the choice must be a constant.
-GATED_DELTA_TRITON_STEP = os.environ.get(LOOP_ENV, "triton") != "pytorch"
+# HYPENET_GATED_DELTA_LOOP, read once: inside the compiled decode step the choice must be a constant.
+GATED_DELTA_TRITON_STEP = triton_chosen()
 
 
 @torch.library.custom_op("hypenet_bench::gated_delta_step_", mutates_args=("state",))

@@ -60,13 +60,18 @@ def entering_state(S0, M, index):
 LOOP_ENV = "HYPENET_GATED_DELTA_LOOP"
 
 
-def _use_triton(q) -> bool:
-    """Whether q's op runs a Triton kernel: CUDA inputs, not fp64 (the kernels compute in fp32), Triton importable,
-    and LOOP_ENV not 'pytorch'."""
+def triton_chosen() -> bool:
+    """LOOP_ENV's choice: True for 'triton' (the default), False for 'pytorch'."""
     choice = os.environ.get(LOOP_ENV, "triton")
     if choice not in ("triton", "pytorch"):
         raise ValueError(f"{LOOP_ENV} must be 'triton' or 'pytorch'; got {choice!r}")
-    if choice == "pytorch" or not q.is_cuda or q.dtype == torch.float64:
+    return choice == "triton"
+
+
+def _use_triton(q) -> bool:
+    """Whether q's op runs a Triton kernel: CUDA inputs, not fp64 (the kernels compute in fp32), Triton importable,
+    and LOOP_ENV not 'pytorch'."""
+    if not triton_chosen() or not q.is_cuda or q.dtype == torch.float64:
         return False
     try:
         import triton  # noqa: F401
