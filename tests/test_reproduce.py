@@ -590,7 +590,8 @@ def test_gpu_recipe_sizes_and_budget():
     patterns = {name: ablation_pattern(spec, selected, sweep) for name, spec in recipe["ablations"].items()}
     assert patterns == {"rope_everywhere": selected, "nope_everywhere": selected, "even_spacing": "LLLALLLALLLA",
                         "gated_deltanet": "ADDDDADDDDAD", "hype_seed2": selected, "nope_everywhere_seed2": selected,
-                        "muon_lr_2e-3": selected, "muon_lr_4e-3": selected}
+                        "muon_lr_2e-3": selected, "muon_lr_4e-3": selected,
+                        "attention_layers_4": "ALLLLALLLAAL", "attention_layers_2": "LLLLLALLLLAL"}  # one more, one fewer
     # every variant spends the main student's HALO tokens
     for name in recipe["ablations"]:
         spent = sum(planned_tokens(recipe, s, ablation=name) for s in HALO_STAGES)
