@@ -58,7 +58,8 @@ def _row(acc, loss=None):
 def test_runs_pool_replicates_and_a_report_missing_an_ablation_is_refused(tmp_path):
     path = _report(tmp_path, student=_row(0.5, 1.5), rope_everywhere=_row(0.1, 1.6), nope_everywhere=_row(0.4, 1.7),
                    nope_everywhere_seed2=_row(0.2, 1.8))
-    (label, report), = load_runs([path])
+    [(label, report)], without = load_runs([path])
+    assert without == []
     assert label == "run1"
     # 10 prompts per task: HyPE 10 of 20; NoPE everywhere 8 + 4 of 40 over its two runs
     assert retrieval_table(report, "nope_everywhere", 4) == (10, 20, 12, 40)
@@ -75,12 +76,29 @@ def test_runs_pool_replicates_and_a_report_missing_an_ablation_is_refused(tmp_pa
         load_runs([path, renamed])
 
 
+def test_a_run_without_position_ablations_is_left_out_by_name(tmp_path):
+    # a recipe run with `--ablations attention_layers_2`: it asked another question, so it is not pooled, but the page
+    # says it was left out; a list of such runs alone has nothing to compare
+    path = _report(tmp_path, student=_row(0.5), rope_everywhere=_row(0.1), nope_everywhere=_row(0.4))
+    other = _report(tmp_path, "run2", student=_row(0.9), attention_layers_2=_row(0.9))
+    report = json.load(open(other))
+    report["ablations"] = {"attention_layers_2": {"kind": "selection"}}
+    open(other, "w").write(json.dumps(report))
+    runs, without = load_runs([path, other])
+    assert [label for label, _ in runs] == ["run1"] and without == ["run2"]
+    page = markdown(runs, "cmd", without)
+    assert "- left out: run2, which trained no position ablation" in page and "| run2 |" not in page
+    with pytest.raises(ValueError, match="nothing to compare"):
+        load_runs([other])
+
+
 def test_runs_signs_count_ahead_behind_and_leave_ties_out(tmp_path):
     # HyPE ahead of NoPE everywhere in two runs and level in a third: the sign test over runs sees 2 of 2 (p = 0.5),
     # whatever the prompts' stratified test makes of the same counts
     paths = [_report(tmp_path, f"run{i}", student=_row(hype), rope_everywhere=_row(0.0), nope_everywhere=_row(nope))
              for i, (hype, nope) in enumerate([(0.6, 0.3), (0.5, 0.2), (0.4, 0.4)])]
-    page = markdown(load_runs(paths), "cmd")
+    runs, _ = load_runs(paths)
+    page = markdown(runs, "cmd")
     nope = page.split("## HyPE against nope_everywhere")[1].split("##")[0]
     assert "ahead in 2 and behind in 0 of 3 runs (sign test over runs p = 0.5)" in nope
     rope = page.split("## HyPE against rope_everywhere")[1]
@@ -99,4 +117,5 @@ def test_published_page_is_its_reports_rendered():
                  if os.path.exists(os.path.join(ROOT, "docs", "results", d, "report.json"))
                  and json.load(open(os.path.join(ROOT, "docs", "results", d, "report.json")))["name"] == "reproduce"}
     assert published <= set(paths) and all(os.path.exists(os.path.join(ROOT, p)) for p in paths)
-    assert page == markdown(load_runs([os.path.join(ROOT, p) for p in paths]), command)
+    runs, without = load_runs([os.path.join(ROOT, p) for p in paths])
+    assert page == markdown(runs, command, without)

@@ -53,14 +53,20 @@ def run_label(path: str) -> str:
     return os.path.basename(os.path.dirname(os.path.abspath(path)))
 
 
-def load_runs(paths: list) -> list:
-    """[(label, report)] ordered by date; a report without both position ablations evaluated at 4x and 8x is refused,
-    so that a run is never silently left out of the pool."""
-    runs, names = [], {}
+def load_runs(paths: list) -> tuple:
+    """([(label, report)] ordered by date, [labels of the runs that trained no position ablation]).
+
+    A run that trained none (`halo.py --ablations` naming only others) asked another question: it is left out of the
+    pool and named on the page. A run that trained them but lacks either at 4x or 8x (an ablation failed) is refused,
+    so that a failure never silently drops a run from the pool."""
+    runs, names, without = [], {}, []
     for path in paths:
         with open(path) as f:
             report = json.load(f)
         position = position_ablations(report)
+        if not position:
+            without.append(run_label(path))
+            continue
         missing = [m for m in LENGTHS if m not in report["multipliers"]]
         absent = [name for name in position if name not in report["models"]]
         if len(position) < 2 or missing or absent:
@@ -72,17 +78,22 @@ def load_runs(paths: list) -> list:
     if len({tuple(v) for v in names.values()}) > 1:
         raise ValueError(f"the runs name their position ablations differently ({names}): a comparison within each "
                          "run needs the same ablations in every run")
-    return sorted(runs, key=lambda run: run[1]["date"])
+    if not runs:
+        raise ValueError("none of the reports trained a position ablation: there is nothing to compare")
+    return sorted(runs, key=lambda run: run[1]["date"]), without
 
 
-def markdown(runs: list, command: str) -> str:
+def markdown(runs: list, command: str, without: list = ()) -> str:
     ablations = sorted({name for _, report in runs for name in position_ablations(report)})
     lines = ["# Position target across runs", "",
              f"- command: `{command}`",
              f"- runs: {len(runs)} ({', '.join(label for label, _ in runs)}), each one run of "
              + ", ".join(sorted({f"`{report['command']}`" for _, report in runs})) + " as the recipe stood then",
              "- retrieval: correct prompts of the needle and pass-key tasks together; a run's replicates pool into "
-             "their original", ""]
+             "their original"]
+    if without:
+        lines.append(f"- left out: {', '.join(without)}, which trained no position ablation")
+    lines.append("")
     for ablation in ablations:
         lines += [f"## HyPE against {ablation}", "",
                   "| run | device | " + " | ".join(f"HyPE {m}x | {ablation} {m}x" for m in LENGTHS) + " | "
@@ -132,7 +143,8 @@ def main(argv=None) -> str:
     p.add_argument("--out", required=True, help="the markdown page")
     args = p.parse_args(argv)
     command = "python tools/position_across_runs.py " + " ".join(args.reports) + f" --out {args.out}"
-    page = markdown(load_runs(args.reports), command)
+    runs, without = load_runs(args.reports)
+    page = markdown(runs, command, without)
     with open(args.out, "w") as f:
         f.write(page)
     print(f"wrote {args.out}")
