@@ -36,12 +36,14 @@ def test_mantel_haenszel_adds_evidence_within_runs_not_across():
     assert mantel_haenszel([(38, 200, 57, 200)])[0] < 1
 
 
-def _report(tmp_path, name="run1", **models):
+POSITION = {"rope_everywhere": {"kind": "position"}, "nope_everywhere": {"kind": "position"},
+            "nope_everywhere_seed2": {"kind": "position", "replicate_of": "nope_everywhere"}}
+
+
+def _report(tmp_path, name="run1", ablations=POSITION, **models):
     rows = {"teacher (Qwen3)": {}, "student (HypeNet)": models.pop("student"), **models}
     report = {"command": "halo", "date": "2026-12-01", "device": "cpu", "needle_examples": 10, "tasks": ["needle", "passkey"],
-              "multipliers": [1, 2, 4, 8], "models": rows,
-              "ablations": {"rope_everywhere": {"kind": "position"}, "nope_everywhere": {"kind": "position"},
-                            "nope_everywhere_seed2": {"kind": "position", "replicate_of": "nope_everywhere"}}}
+              "multipliers": [1, 2, 4, 8], "models": rows, "ablations": ablations}
     path = tmp_path / name / "report.json"
     path.parent.mkdir()
     path.write_text(json.dumps(report))
@@ -68,10 +70,8 @@ def test_runs_pool_replicates_and_a_report_missing_an_ablation_is_refused(tmp_pa
     bad = _report(tmp_path, "run2", student=_row(0.5), rope_everywhere=_row(0.1))  # nope_everywhere failed
     with pytest.raises(ValueError, match="leave this report out"):
         load_runs([path, bad])
-    renamed = _report(tmp_path, "run3", student=_row(0.5), rope_everywhere=_row(0.1), no_position=_row(0.1))
-    report = json.load(open(renamed))
-    report["ablations"] = {"rope_everywhere": {"kind": "position"}, "no_position": {"kind": "position"}}
-    open(renamed, "w").write(json.dumps(report))
+    renamed = _report(tmp_path, "run3", student=_row(0.5), rope_everywhere=_row(0.1), no_position=_row(0.1),
+                      ablations={"rope_everywhere": {"kind": "position"}, "no_position": {"kind": "position"}})
     with pytest.raises(ValueError, match="name their position ablations differently"):
         load_runs([path, renamed])
 
@@ -80,10 +80,8 @@ def test_a_run_without_position_ablations_is_left_out_by_name(tmp_path):
     # a recipe run with `--ablations attention_layers_2`: it asked another question, so it is not pooled, but the page
     # says it was left out; a list of such runs alone has nothing to compare
     path = _report(tmp_path, student=_row(0.5), rope_everywhere=_row(0.1), nope_everywhere=_row(0.4))
-    other = _report(tmp_path, "run2", student=_row(0.9), attention_layers_2=_row(0.9))
-    report = json.load(open(other))
-    report["ablations"] = {"attention_layers_2": {"kind": "selection"}}
-    open(other, "w").write(json.dumps(report))
+    other = _report(tmp_path, "run2", student=_row(0.9), attention_layers_2=_row(0.9),
+                    ablations={"attention_layers_2": {"kind": "selection"}})
     runs, without = load_runs([path, other])
     assert [label for label, _ in runs] == ["run1"] and without == ["run2"]
     page = markdown(runs, "cmd", without)
