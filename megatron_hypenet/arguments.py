@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-only-mixers", action="store_true",
                    help="train only the token mixers (each layer's attention or RNN module); the embeddings, MLPs, "
                         "layer norms and LM head keep their loaded values (align always trains only its RNN mixers)")
+    g.add_argument("--non-mixer-lr-mult", type=float, default=None,
+                   help="train every weight, those outside the token mixers (embeddings, MLPs, layer norms, LM head) "
+                        "at this multiple of --lr (megatron-core's lr_mult); unset, all train at --lr (the paper's "
+                        "distill); --train-only-mixers freezes them instead")
     g.add_argument("--lightning-scale", choices=("sqrt", "linear", "none"), default="sqrt")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=0)
@@ -188,6 +192,16 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
         if refused:
             parser.error(f"--optimizer muon orthogonalises whole weight matrices, which {', '.join(refused)} "
                          f"split over ranks: use data or pipeline parallelism with it, or --optimizer adamw")
+    if args.non_mixer_lr_mult is not None:
+        if args.non_mixer_lr_mult <= 0:
+            parser.error(f"--non-mixer-lr-mult must be positive, not {args.non_mixer_lr_mult}: to freeze the weights "
+                         "outside the token mixers use --train-only-mixers")
+        if args.train_only_mixers:
+            parser.error("--non-mixer-lr-mult trains the weights outside the token mixers, which --train-only-mixers "
+                         "freezes: pass one of the two")
+        if args.stage in ("align", "select"):
+            parser.error(f"--non-mixer-lr-mult has nothing to scale in --stage {args.stage} (align trains only its "
+                         "RNN mixers, select trains nothing)")
     if args.deepspeed_config and args.zero_stage != 3:
         parser.error("--deepspeed-config is read by --zero-stage 3 only")
     if args.zero_stage == 3:

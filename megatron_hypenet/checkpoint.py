@@ -349,6 +349,30 @@ def check_compatible(path: str, desc: dict) -> None:
             )
 
 
+def _lr_mults(state) -> set:
+    """The lr_mult of every parameter group in a loaded optimizer state (Muon's parts and megatron-core's chained
+    optimizers nest theirs); 1 where a group has none (checkpoints from before --non-mixer-lr-mult)."""
+    if isinstance(state, list):
+        return set().union(*(_lr_mults(v) for v in state))
+    if not isinstance(state, dict):
+        return set()
+    groups = state.get("param_groups")
+    found = {float(g.get("lr_mult", 1.0)) for g in groups if isinstance(g, dict)} if isinstance(groups, list) else set()
+    return found.union(*(_lr_mults(v) for k, v in state.items() if k != "param_groups"))
+
+
+def _check_lr_mults(path: str, loaded: dict, optimizer) -> None:
+    """Refuses to resume with another --non-mixer-lr-mult: torch would keep the saved groups' lr_mult silently."""
+    saved, wanted = _lr_mults(loaded), {float(g.get("lr_mult", 1.0)) for g in optimizer.param_groups}
+    if saved and saved != wanted:
+        def flag(mults):
+            other = sorted(mults - {1.0})
+            return f"--non-mixer-lr-mult {other[0]:g}" if other else "no --non-mixer-lr-mult"
+
+        raise CheckpointError(f"checkpoint {path} was trained with {flag(saved)}, this run asks for {flag(wanted)}: "
+                              f"resume with the same flag, or give this run a new --save folder")
+
+
 def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Optional[int] = None,
                     load_state: bool = True) -> Tuple[str, Optional[dict]]:
     """Loads into `model` (any TP/PP layout) and optionally `optimizer`; returns (path, plain state)."""
@@ -360,10 +384,16 @@ def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Opt
         sharded["optimizer"] = optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
         _check_optimizer_state(path, sharded["optimizer"])
     try:  # read all of it before loading into the model and optimizer
-        loaded = dist_checkpointing.load(sharded, path)
-        state = dist_checkpointing.load_common_state_dict(path).get("state") if load_state else None
+        common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - rewrap with the path; the original stays chained
         raise _unreadable(path, e) from e
+    if optimizer is not None:
+        _check_lr_mults(path, common.get("optimizer"), optimizer)
+    try:
+        loaded = dist_checkpointing.load(sharded, path)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        raise _unreadable(path, e) from e
+    state = common.get("state") if load_state else None
     load_model_state(model, loaded["model"])
     if optimizer is not None:
         own_format = hasattr(optimizer, "sharded_state_dict")

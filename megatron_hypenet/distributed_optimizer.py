@@ -24,10 +24,12 @@ import math
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from . import checkpoint
 from .cpu_compat import megatron_cuda_calls
+from .optimizer import is_mixer_parameter
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
 
@@ -48,8 +50,11 @@ class DistributedOptimizer:
         with megatron_cuda_calls():
             self.chunks = [DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m) for m in students]
             # megatron-core's standard groups: no weight decay on biases and 1-D tensors, as optimizer.decay_groups
-            self.optimizer = get_megatron_optimizer(config, self.chunks,
-                                                    config_overrides=get_standard_config_overrides(config))
+            overrides = get_standard_config_overrides(config)
+            if args.non_mixer_lr_mult is not None:  # as optimizer.lr_mults; the trainer's set_lr applies lr_mult
+                non_mixer = ParamWithNamePredicate(name="non_mixer", fn=lambda p, name: not is_mixer_parameter(name))
+                overrides[ParamKey(with_name_predicate=non_mixer)] = {"lr_mult": args.non_mixer_lr_mult}
+            self.optimizer = get_megatron_optimizer(config, self.chunks, config_overrides=overrides)
         for opt in self._optimizers:  # wd_mult is applied by megatron's LR scheduler, which this trainer does not use
             for group in opt.param_groups:
                 group["weight_decay"] = args.weight_decay * group["wd_mult"]

@@ -20,19 +20,45 @@ from . import checkpoint
 MUON_MOMENTUM = 0.95
 # not matrices inside a layer, although 2-D: they map tokens to and from the hidden size
 NOT_MUON = ("embedding.", "output_layer.")
+# the token mixers' parameter names (each decoder layer's attention or RNN module; align's attention twins)
+MIXER_MODULES = (".self_attention.", ".attention_twin.")
 
 
-def decay_groups(params, weight_decay: float) -> list:
+def is_mixer_parameter(name: str) -> bool:
+    return any(part in name for part in MIXER_MODULES)
+
+
+def lr_mults(models, params, non_mixer_lr_mult) -> dict:
+    """id(parameter) -> its multiple of --lr: `non_mixer_lr_mult` (--non-mixer-lr-mult) for the weights outside
+    the token mixers, 1 for the rest; empty (everything at --lr) when it is None."""
+    if non_mixer_lr_mult is None:
+        return {}
+    wanted = {id(p) for p in params}
+    return {id(p): non_mixer_lr_mult for model in models for name, p in model.named_parameters()
+            if id(p) in wanted and not is_mixer_parameter(name)}
+
+
+def decay_groups(params, weight_decay: float, mults: dict = None) -> list:
     """AdamW parameter groups under megatron-core's default rule, so the plain, ZeRO-3 and distributed
-    optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias)."""
-    params = list(params)
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias). Each group
+    also carries megatron-core's `lr_mult` (from `lr_mults`; 1 first, so group 0's lr is --lr's schedule)."""
+    params, mults = list(params), mults or {}
+    groups = []
+    for mult in sorted({mults.get(id(p), 1.0) for p in params}, key=lambda m: m != 1.0):
+        mine = [p for p in params if mults.get(id(p), 1.0) == mult]
+        groups += [{"params": [p for p in mine if p.ndim > 1], "weight_decay": weight_decay, "lr_mult": mult},
+                   {"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr_mult": mult}]
     return [g for g in groups if g["params"]]
 
 
-def adamw(params, lr: float, weight_decay: float, betas) -> torch.optim.AdamW:
-    return torch.optim.AdamW(decay_groups(params, weight_decay), lr=lr, betas=betas)
+def set_lr(optimizer, lr: float) -> None:
+    """The step's learning rate, times each group's `lr_mult` (megatron-core's scheduler does the same)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def adamw(params, lr: float, weight_decay: float, betas, mults: dict = None) -> torch.optim.AdamW:
+    return torch.optim.AdamW(decay_groups(params, weight_decay, mults), lr=lr, betas=betas)
 
 
 def muon_matrices(models, params) -> List[torch.nn.Parameter]:
@@ -46,11 +72,14 @@ class MuonWithAdamW:
     """torch's Muon over the matrices and AdamW over the rest, behind the trainer's optimizer calls
     (param_groups, zero_grad, step, and the checkpoint hooks)."""
 
-    def __init__(self, matrices, others, lr: float, weight_decay: float, betas):
-        self.parts = {"muon": torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
+    def __init__(self, matrices, others, lr: float, weight_decay: float, betas, mults: dict = None):
+        mults = mults or {}
+        groups = [{"params": [p for p in matrices if mults.get(id(p), 1.0) == mult], "lr_mult": mult}
+                  for mult in sorted({mults.get(id(p), 1.0) for p in matrices}, key=lambda m: m != 1.0)]
+        self.parts = {"muon": torch.optim.Muon(groups, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
                                                adjust_lr_fn="match_rms_adamw")}
         if others:
-            self.parts["adamw"] = adamw(others, lr, weight_decay, betas)
+            self.parts["adamw"] = adamw(others, lr, weight_decay, betas, mults)
 
     @property
     def param_groups(self) -> list:
@@ -77,10 +106,12 @@ def build_optimizer(args, models, params):
     """The optimizer of the plain path (no --use-distributed-optimizer; ZeRO-3 wraps what this returns)."""
     params = list(params)
     betas = (args.adam_beta1, args.adam_beta2)
+    mults = lr_mults(models, params, args.non_mixer_lr_mult)
     if args.optimizer == "adamw":
-        return adamw(params, args.lr, args.weight_decay, betas)
+        return adamw(params, args.lr, args.weight_decay, betas, mults)
     matrices = muon_matrices(models, params)
     if not matrices:
         raise ValueError("--optimizer muon found no weight matrix among the trained parameters; use --optimizer adamw")
     chosen = {id(p) for p in matrices}
-    return MuonWithAdamW(matrices, [p for p in params if id(p) not in chosen], args.lr, args.weight_decay, betas)
+    return MuonWithAdamW(matrices, [p for p in params if id(p) not in chosen], args.lr, args.weight_decay, betas,
+                         mults)

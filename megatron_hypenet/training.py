@@ -29,7 +29,7 @@ from .distributed_optimizer import DistributedOptimizer
 from .files import replaced_atomically
 from .halo.stages import build_stage
 from .model import compile_layers
-from .optimizer import build_optimizer
+from .optimizer import build_optimizer, set_lr
 
 log = logging.getLogger("megatron_hypenet")
 
@@ -345,8 +345,8 @@ def _train(args, preempt: PreemptionFlag) -> dict:
     it = start
     for it in bar:
         t0 = time.time()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(it, args)
+        lr = learning_rate(it, args)
+        set_lr(optimizer, lr)
         batches = [parallel.local_batch(next(loader), device) for _ in range(accumulation)]
         if args.cuda_graph:  # the graph owns the gradients and rewrites them each replay (cuda_graph.py)
             if captured is None:
@@ -378,7 +378,7 @@ def _train(args, preempt: PreemptionFlag) -> dict:
             bad_steps += 1
             log.warning("iteration %d: loss %s, grad norm %s is not finite; step skipped", it + 1, loss_sum, grad_norm)
         dt = time.time() - t0
-        metrics = {"loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+        metrics = {"loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                    "tokens_per_s": tokens_per_iter / dt, "memory_gb": memory_gb(), "consumed_samples": consumed,
                    "skipped": not finite}
         if args.eval_interval and (it + 1) % args.eval_interval == 0:

@@ -481,7 +481,15 @@ def _case_other_optimizer(env):
         r"has no optimizer state 'optimizer.state.momentum_buffer.*saved by another optimizer.*new --save folder"
 
 
-BAD_INPUTS = {"corrupt_checkpoint": _case_corrupt, "other_optimizer": _case_other_optimizer, "other_layer_pattern": _case_layer_pattern,
+def _case_other_lr_mult(env):
+    return "distill", {"teacher": env.teacher, "load": env.path("align"), "save": _copy(env, "distill", "other_mult"),
+                       "layer_pattern": "LA",
+                       "non_mixer_lr_mult": 0.3}, \
+        r"trained with no --non-mixer-lr-mult, this run asks for --non-mixer-lr-mult 0.3: resume with the same flag"
+
+
+BAD_INPUTS = {"corrupt_checkpoint": _case_corrupt, "other_optimizer": _case_other_optimizer,
+              "other_lr_mult": _case_other_lr_mult, "other_layer_pattern": _case_layer_pattern,
               "other_vocabulary": _case_vocab, "tokenizer_larger_than_vocab": _case_tokenizer,
               "missing_data_prefix": _case_missing_data, "empty_data": _case_empty_data,
               "seq_length_above_data": _case_seq_length, "impossible_parallel_layout": _case_layout}
@@ -575,7 +583,57 @@ def test_weight_decay_spares_one_dimensional_parameters():
     optimizer.step()
     assert torch.equal(vector.detach(), torch.ones(3))
     assert torch.allclose(matrix.detach(), torch.full((2, 2), 1 - 0.5 * 0.1))
-    assert decay_groups([vector], 0.1) == [{"params": [vector], "weight_decay": 0.0}]
+    assert decay_groups([vector], 0.1) == [{"params": [vector], "weight_decay": 0.0, "lr_mult": 1.0}]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_non_mixer_lr_mult_scales_the_steps_outside_the_mixers(optimizer):
+    """--non-mixer-lr-mult 0.25: with equal gradients, a weight outside the token mixers (here an MLP's; under Muon
+    both are matrices on Muon, the norm gain on AdamW) moves a quarter as far as the mixer's, and the group at 1x
+    comes first (its lr is the one logged)."""
+    import argparse
+
+    import torch
+
+    from megatron_hypenet.optimizer import build_optimizer, set_lr
+
+    layer = torch.nn.Module()
+    layer.self_attention, layer.mlp, layer.norm = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+    model = torch.nn.Module()
+    model.decoder = torch.nn.Module()
+    model.decoder.layers = torch.nn.ModuleList([layer])
+    with torch.no_grad():
+        layer.mlp.weight.copy_(layer.self_attention.weight)
+    args = argparse.Namespace(optimizer=optimizer, lr=1e-2, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                              non_mixer_lr_mult=0.25)
+    opt = build_optimizer(args, [model], model.parameters())
+    assert opt.param_groups[0]["lr_mult"] == 1.0 and {g["lr_mult"] for g in opt.param_groups} == {1.0, 0.25}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gradient = torch.randn(4, 4)
+    for name, p in model.named_parameters():
+        p.grad = gradient.clone() if p.ndim == 2 else torch.ones_like(p)
+    set_lr(opt, args.lr)
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert moved["decoder.layers.0.mlp.weight"] == pytest.approx(0.25 * moved["decoder.layers.0.self_attention.weight"],
+                                                                 rel=1e-3)
+    assert moved["decoder.layers.0.self_attention.bias"] == pytest.approx(1e-2, rel=1e-3)  # Adam's first step: lr
+    assert moved["decoder.layers.0.norm.weight"] == pytest.approx(0.25e-2, rel=1e-3)
+
+
+def test_non_mixer_lr_mult_refuses_what_it_cannot_mean(capsys):
+    from megatron_hypenet.arguments import parse_args
+
+    base = ["--load", "x", "--teacher", "x", "--data-path", "x"]
+    for flags, message in ((["--stage", "distill", "--non-mixer-lr-mult", "0"], "must be positive, not 0.0"),
+                           (["--stage", "distill", "--non-mixer-lr-mult", "0.3", "--train-only-mixers"],
+                            "which --train-only-mixers freezes: pass one of the two"),
+                           (["--stage", "align", "--non-mixer-lr-mult", "0.3"], "nothing to scale in --stage align")):
+        with pytest.raises(SystemExit):
+            parse_args(base + flags)
+        err = capsys.readouterr().err
+        assert message in err, err
+    assert parse_args(base + ["--stage", "finetune", "--non-mixer-lr-mult", "0.3"]).non_mixer_lr_mult == 0.3
 
 
 def test_plain_run_makes_its_group_without_a_port():

@@ -28,10 +28,12 @@ COMMON = ["--seq-length", 64, "--micro-batch-size", 1, "--global-batch-size", 4,
 PP2, VPP2, DISTOPT = ["--pipeline-model-parallel-size", 2], ["--virtual-pipeline-model-parallel-size", 2], \
     ["--use-distributed-optimizer"]
 MUON = ["--optimizer", "muon"]
+NON_MIXER = ["--non-mixer-lr-mult", 0.3]
 LAYOUTS = {"pp1": (1, []), "pp1_copy_init": (1, ["--align-init", "copy"]), "pp2": (2, PP2), "pp2_vpp2": (2, PP2 + VPP2),
            "dp2_distopt": (2, DISTOPT),
            "pp2_vpp2_distopt": (2, PP2 + VPP2 + DISTOPT), "dp1_distopt": (1, DISTOPT),
-           "pp1_muon": (1, MUON), "pp2_muon": (2, PP2 + MUON), "dp2_muon": (2, MUON)}
+           "pp1_muon": (1, MUON), "pp2_muon": (2, PP2 + MUON), "dp2_muon": (2, MUON),
+           "pp1_non_mixer": (1, NON_MIXER), "dp2_distopt_non_mixer": (2, DISTOPT + NON_MIXER)}
 REL = 1e-5
 MUON_REL = 1e-4  # test_muon_keeps_its_matrices_whole_at_pp2_and_dp2 says why
 
@@ -109,6 +111,16 @@ def test_muon_keeps_its_matrices_whole_at_pp2_and_dp2(work, layout):
     assert ref[0]["loss"] == pytest.approx(adamw[0]["loss"], rel=REL)
     assert abs(ref[1]["loss"] - adamw[1]["loss"]) > 10 * MUON_REL * adamw[1]["loss"]
     assert_same_curve(ref, rows(train(work, "pretrain", layout)), rel=MUON_REL, grad_rel=5 * MUON_REL)
+
+
+def test_distributed_optimizer_applies_the_non_mixer_lr_mult(work):
+    """--non-mixer-lr-mult through megatron-core's parameter groups (a config override of lr_mult) follows the
+    plain optimizer's groups at DP=2; the multiple does change the curve, so neither side can have ignored it."""
+    ref = rows(train(work, "distill", "pp1_non_mixer"))
+    everything = rows(train(work, "distill", "pp1"))
+    assert ref[0]["loss"] == pytest.approx(everything[0]["loss"], rel=REL)
+    assert abs(ref[-1]["loss"] - everything[-1]["loss"]) > 100 * REL * everything[-1]["loss"]
+    assert_same_curve(ref, rows(train(work, "distill", "dp2_distopt_non_mixer")))
 
 
 def test_checkpoint_saved_with_virtual_pipeline_resumes_at_pp1(work):

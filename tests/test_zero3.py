@@ -130,3 +130,16 @@ def test_zero3_trains_only_the_mixers(work, mixers_runs):
             else:
                 assert value.equal(initial[key]), (run.name, key)
         assert any(not trained[k].equal(initial[k]) for k in mixers if "norm" not in k)
+
+
+def test_zero3_applies_the_non_mixer_lr_mult(work, runs):
+    """--non-mixer-lr-mult: DeepSpeed keeps the groups' lr_mult, so ZeRO-3 takes the plain trainer's steps, which the
+    multiple moves off the all-at---lr curve."""
+    plain, zero = work / "non_mixer_plain", work / "non_mixer_zero"
+    torchrun(2, TRAINER, *_flags(work, plain, "--non-mixer-lr-mult", 0.3), timeout=600)
+    torchrun(2, TRAINER, *_flags(work, zero, "--non-mixer-lr-mult", 0.3, "--zero-stage", 3), timeout=600)
+    everything, _ = runs
+    assert abs(_metrics(plain)[-1]["loss"] - everything[-1]["loss"]) > 1e-3 * everything[-1]["loss"]
+    for p, z in zip(_metrics(plain), _metrics(zero)):
+        assert z["loss"] == pytest.approx(p["loss"], rel=1e-5), (p, z)
+        assert z["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4), (p, z)
