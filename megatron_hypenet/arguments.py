@@ -226,6 +226,13 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
             parser.error(f"--cuda-graph captures steps with no collective inside them (one GPU, or data parallel: "
                          f"gradients are all-reduced outside the graph); not tested with {', '.join(refused)}: "
                          f"leave --cuda-graph out for this layout")
+    if args.optimizer == "muon" and args.cuda_graph and args.compile and not args.train_only_mixers \
+            and args.stage != "align":
+        # run 28 (docs/results_run28.md): 'CUDA error: unspecified launch failure' (Xid 43) in 5 of 7 such distill
+        # processes on H100s, after 14 to ~1400 steps, and in none of their neighbours one flag away; cause not found
+        parser.error("--optimizer muon with --cuda-graph and --compile, training the weights outside the token mixers, "
+                     "crashed on H100s ('CUDA error: unspecified launch failure', docs/results_run28.md): leave out "
+                     "--compile or --cuda-graph, pass --train-only-mixers, or use --optimizer adamw")
     if args.layer_pattern and os.path.exists(args.layer_pattern):
         with open(args.layer_pattern) as f:
             args.layer_pattern = f.read().strip()

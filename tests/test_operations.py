@@ -636,6 +636,22 @@ def test_non_mixer_lr_mult_refuses_what_it_cannot_mean(capsys):
     assert parse_args(base + ["--stage", "finetune", "--non-mixer-lr-mult", "0.3"]).non_mixer_lr_mult == 0.3
 
 
+def test_muon_graphed_and_compiled_needs_train_only_mixers(capsys):
+    """The combination that crashed run 28's distill processes is refused before anything loads; each way out of
+    it the message names is accepted."""
+    from megatron_hypenet.arguments import parse_args
+
+    base = ["--stage", "distill", "--load", "x", "--teacher", "x", "--data-path", "x", "--optimizer", "muon"]
+    for flags in ([], ["--non-mixer-lr-mult", "0.3"]):
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--cuda-graph", "--compile", *flags])
+        err = capsys.readouterr().err
+        assert "crashed on H100s ('CUDA error: unspecified launch failure', docs/results_run28.md)" in err, err
+    for flags in (["--cuda-graph", "--compile", "--train-only-mixers"], ["--cuda-graph"], ["--compile"]):
+        assert parse_args(base + flags).optimizer == "muon"
+    assert parse_args(base[:-1] + ["adamw", "--cuda-graph", "--compile"]).cuda_graph
+
+
 def test_plain_run_makes_its_group_without_a_port():
     """A plain `python` run (no torchrun) makes its one-process group on an in-process store: nothing listens on the
     MASTER_PORT it sets for other libraries, so trainers that start together (a recipe's ablation workers, the GPU
