@@ -38,14 +38,19 @@ def lr_mults(models, params, non_mixer_lr_mult) -> dict:
             if id(p) in wanted and not is_mixer_parameter(name)}
 
 
+def by_lr_mult(params, mults: dict = None) -> list:
+    """[(lr_mult, its parameters)] under `lr_mults`' map, 1 first (group 0's lr is then --lr's schedule)."""
+    params, mults = list(params), mults or {}
+    return [(m, [p for p in params if mults.get(id(p), 1.0) == m])
+            for m in sorted({mults.get(id(p), 1.0) for p in params}, key=lambda m: m != 1.0)]
+
+
 def decay_groups(params, weight_decay: float, mults: dict = None) -> list:
     """AdamW parameter groups under megatron-core's default rule, so the plain, ZeRO-3 and distributed
     optimizers agree: no weight decay on 1-D tensors (norm gains, Gated DeltaNet's A_log / dt_bias). Each group
-    also carries megatron-core's `lr_mult` (from `lr_mults`; 1 first, so group 0's lr is --lr's schedule)."""
-    params, mults = list(params), mults or {}
+    also carries megatron-core's `lr_mult` (`by_lr_mult`)."""
     groups = []
-    for mult in sorted({mults.get(id(p), 1.0) for p in params}, key=lambda m: m != 1.0):
-        mine = [p for p in params if mults.get(id(p), 1.0) == mult]
+    for mult, mine in by_lr_mult(params, mults):
         groups += [{"params": [p for p in mine if p.ndim > 1], "weight_decay": weight_decay, "lr_mult": mult},
                    {"params": [p for p in mine if p.ndim <= 1], "weight_decay": 0.0, "lr_mult": mult}]
     return [g for g in groups if g["params"]]
@@ -73,9 +78,7 @@ class MuonWithAdamW:
     (param_groups, zero_grad, step, and the checkpoint hooks)."""
 
     def __init__(self, matrices, others, lr: float, weight_decay: float, betas, mults: dict = None):
-        mults = mults or {}
-        groups = [{"params": [p for p in matrices if mults.get(id(p), 1.0) == mult], "lr_mult": mult}
-                  for mult in sorted({mults.get(id(p), 1.0) for p in matrices}, key=lambda m: m != 1.0)]
+        groups = [{"params": mine, "lr_mult": mult} for mult, mine in by_lr_mult(matrices, mults)]
         self.parts = {"muon": torch.optim.Muon(groups, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM,
                                                adjust_lr_fn="match_rms_adamw")}
         if others:
