@@ -589,8 +589,8 @@ def test_weight_decay_spares_one_dimensional_parameters():
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_non_mixer_lr_mult_scales_the_steps_outside_the_mixers(optimizer):
     """--non-mixer-lr-mult 0.25: with equal gradients, a weight outside the token mixers (here an MLP's; under Muon
-    both are matrices on Muon, the norm gain on AdamW) moves a quarter as far as the mixer's, and the group at 1x
-    comes first (its lr is the one logged)."""
+    both are matrices on Muon, the norm gain on AdamW) moves a quarter as far as the mixer's; the group at 1x comes
+    first."""
     import argparse
 
     import torch
