@@ -387,12 +387,14 @@ def load_checkpoint(root: str, model, desc: dict, optimizer=None, iteration: Opt
         common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - rewrap with the path; the original stays chained
         raise _unreadable(path, e) from e
-    if optimizer is not None:
+    if optimizer is not None:  # the plain optimizers' groups are in the common state: before a load they would fail
         _check_lr_mults(path, common.get("optimizer"), optimizer)
     try:
         loaded = dist_checkpointing.load(sharded, path)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         raise _unreadable(path, e) from e
+    if optimizer is not None:  # megatron-core's distributed optimizer loads its groups with the tensors
+        _check_lr_mults(path, loaded["optimizer"], optimizer)
     state = common.get("state") if load_state else None
     load_model_state(model, loaded["model"])
     if optimizer is not None:

@@ -15,6 +15,7 @@ import shutil
 import pytest
 
 from helpers import ROOT, torchrun
+from test_operations import folder_hash
 
 PRETRAIN = os.path.join(ROOT, "pretrain_hypenet.py")
 RECIPE = {"seed": 0, "data": {"generate_corpus": {"num_docs": 200, "seed": 0}},
@@ -121,6 +122,17 @@ def test_distributed_optimizer_applies_the_non_mixer_lr_mult(work):
     assert ref[0]["loss"] == pytest.approx(everything[0]["loss"], rel=REL)
     assert abs(ref[-1]["loss"] - everything[-1]["loss"]) > 100 * REL * everything[-1]["loss"]
     assert_same_curve(ref, rows(train(work, "distill", "dp2_distopt_non_mixer")))
+
+
+def test_distributed_optimizer_refuses_to_resume_with_another_lr_mult(work):
+    """Its parameter groups come with the sharded tensors, not the common state, and are checked there too."""
+    folder = str(work["root"] / "distopt_other_mult")
+    shutil.copytree(train(work, "distill", "dp2_distopt_non_mixer"), folder)
+    before = folder_hash(folder)
+    with pytest.raises(AssertionError, match=r"trained with --non-mixer-lr-mult 0.3, this run asks for no "
+                                             r"--non-mixer-lr-mult: resume with the same flag"):
+        torchrun(1, PRETRAIN, *stage_flags(work, "distill"), *DISTOPT, "--save", folder, "--train-iters", ITERS + 1)
+    assert folder_hash(folder) == before
 
 
 def test_checkpoint_saved_with_virtual_pipeline_resumes_at_pp1(work):
