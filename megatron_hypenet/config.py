@@ -16,6 +16,9 @@ from .patterns import ATTENTION, GATED_DELTA, LIGHTNING, RNN_MIXERS  # noqa: F40
 
 MIXER_NAMES = {ATTENTION: "softmax attention", LIGHTNING: "Lightning Attention", GATED_DELTA: "Gated DeltaNet"}
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
+# The decoder layer's token-mixer children: its own mixer, and in align the attention twin beside it (model.py).
+# Freezing, the optimizer's lr multiples and the align loss all find the mixers by these names.
+MIXER_ATTRIBUTES = ("self_attention", "attention_twin")
 # Selective recompute targets our layers support: "core_attn" is each mixer's core (layers._Mixer.core),
 # "mlp" megatron-core's dense MLP.
 RECOMPUTE_MODULES = ("core_attn", "mlp")

@@ -16,16 +16,14 @@ from typing import List
 import torch
 
 from . import checkpoint
+from .config import MIXER_ATTRIBUTES
 
 MUON_MOMENTUM = 0.95
 # not matrices inside a layer, although 2-D: they map tokens to and from the hidden size
 NOT_MUON = ("embedding.", "output_layer.")
-# the token mixers' parameter names (each decoder layer's attention or RNN module; align's attention twins)
-MIXER_MODULES = (".self_attention.", ".attention_twin.")
-
-
 def is_mixer_parameter(name: str) -> bool:
-    return any(part in name for part in MIXER_MODULES)
+    """Whether a parameter (by its name in the model) belongs to a decoder layer's token mixer."""
+    return any(f".{attribute}." in name for attribute in MIXER_ATTRIBUTES)
 
 
 def lr_mults(models, params, non_mixer_lr_mult) -> dict:

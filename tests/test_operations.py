@@ -621,6 +621,31 @@ def test_non_mixer_lr_mult_scales_the_steps_outside_the_mixers(optimizer):
     assert moved["decoder.layers.0.norm.weight"] == pytest.approx(0.25e-2, rel=1e-3)
 
 
+def test_mixer_parameters_by_name_are_the_mixers_that_train_alone():
+    """The optimizer finds the token mixers by parameter name (--non-mixer-lr-mult, the distributed optimizer's
+    override), freezing finds them by module (--train-only-mixers, align): on a HypeNet with attention twins both
+    pick the same parameters, and both pick some and leave some."""
+    from megatron_hypenet import parallel
+    from megatron_hypenet.config import make_config
+    from megatron_hypenet.halo.init import freeze_all_but_mixers
+    from megatron_hypenet.model import build_model
+    from megatron_hypenet.optimizer import is_mixer_parameter
+
+    parallel.initialize(1, 1)
+    try:
+        config = make_config(hidden_size=32, num_layers=3, num_attention_heads=4, num_query_groups=2, kv_channels=8,
+                             ffn_hidden_size=64, layer_pattern="ALD", attention_twins=True,
+                             use_cpu_initialization=True)
+        model = build_model(config, 64, True)
+        frozen_apart = {id(p) for p in freeze_all_but_mixers(model, rnn_only=False)}
+        by_name = {id(p) for name, p in model.named_parameters() if is_mixer_parameter(name)}
+        assert by_name == frozen_apart
+        assert 0 < len(by_name) < len(list(model.parameters()))
+        assert any(".attention_twin." in name for name, _ in model.named_parameters())
+    finally:
+        parallel.destroy()
+
+
 def test_non_mixer_lr_mult_refuses_what_it_cannot_mean(capsys):
     from megatron_hypenet.arguments import parse_args
 

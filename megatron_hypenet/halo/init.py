@@ -18,7 +18,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from .. import checkpoint
-from ..config import ATTENTION, MIXER_NAMES, read_model_description
+from ..config import ATTENTION, MIXER_ATTRIBUTES, MIXER_NAMES, read_model_description
 from ..layers import RNNMixer
 from ..qwen3_mapping import attention_to_lightning_qkv
 
@@ -58,7 +58,7 @@ def init_student_from_teacher(student, teacher, head_orders: Optional[Dict[int, 
         t_layer = t_layers[s_layer.layer_number]
         s_mix, t_mix = s_layer.self_attention, t_layer.self_attention
         for name, module in s_layer.named_children():
-            if name not in ("self_attention", "attention_twin"):
+            if name not in MIXER_ATTRIBUTES:
                 module.load_state_dict(getattr(t_layer, name).state_dict())
         if hasattr(s_layer, "attention_twin"):
             s_layer.attention_twin.load_state_dict(t_mix.state_dict())

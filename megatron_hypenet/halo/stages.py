@@ -24,7 +24,7 @@ from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_regi
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from .. import checkpoint, parallel
-from ..config import ATTENTION, RNN_MIXERS, config_from_description, model_description, read_model_description
+from ..config import ATTENTION, MIXER_ATTRIBUTES, RNN_MIXERS, config_from_description, model_description, read_model_description
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
 from ..pipeline import PipelineChunk, stage_output
@@ -267,7 +267,7 @@ def _align_step(chunk, batch):
     total = h.new_zeros((), dtype=torch.float32)
     tokens = h.shape[0] * h.shape[1]
     # every layer's aligned mixers: its RNN twin, and its attention twin with --attention-twins
-    mixer_names = ("self_attention", "attention_twin") if student.config.attention_twins else ("self_attention",)
+    mixer_names = MIXER_ATTRIBUTES if student.config.attention_twins else MIXER_ATTRIBUTES[:1]
     for t_layer, s_layer in zip(teacher.decoder.layers, student.decoder.layers):
         with torch.no_grad():
             x = t_layer.input_layernorm(h)
