@@ -17,7 +17,8 @@ from .patterns import ATTENTION, GATED_DELTA, LIGHTNING, RNN_MIXERS  # noqa: F40
 MIXER_NAMES = {ATTENTION: "softmax attention", LIGHTNING: "Lightning Attention", GATED_DELTA: "Gated DeltaNet"}
 LIGHTNING_SCALES = ("sqrt", "linear", "none")
 # The decoder layer's token-mixer children: its own mixer, and in align the attention twin beside it (model.py).
-# Freezing, the optimizer's lr multiples and the align loss all find the mixers by these names.
+# The student init, the align loss and the optimizer's lr multiples (by parameter name) find the mixers by these
+# names; halo/init.freeze_all_but_mixers reaches the same two attributes directly (a test checks they agree).
 MIXER_ATTRIBUTES = ("self_attention", "attention_twin")
 # Selective recompute targets our layers support: "core_attn" is each mixer's core (layers._Mixer.core),
 # "mlp" megatron-core's dense MLP.

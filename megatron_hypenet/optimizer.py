@@ -21,6 +21,8 @@ from .config import MIXER_ATTRIBUTES
 MUON_MOMENTUM = 0.95
 # not matrices inside a layer, although 2-D: they map tokens to and from the hidden size
 NOT_MUON = ("embedding.", "output_layer.")
+
+
 def is_mixer_parameter(name: str) -> bool:
     """Whether a parameter (by its name in the model) belongs to a decoder layer's token mixer."""
     return any(f".{attribute}." in name for attribute in MIXER_ATTRIBUTES)

@@ -24,7 +24,8 @@ from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_regi
 from megatron.core.tensor_parallel.layers import _initialize_affine_weight_cpu
 
 from .. import checkpoint, parallel
-from ..config import ATTENTION, MIXER_ATTRIBUTES, RNN_MIXERS, config_from_description, model_description, read_model_description
+from ..config import (ATTENTION, MIXER_ATTRIBUTES, RNN_MIXERS, config_from_description, model_description,
+                      read_model_description)
 from ..losses import chunked_cross_entropy, chunked_kl
 from ..model import build_model
 from ..pipeline import PipelineChunk, stage_output
