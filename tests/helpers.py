@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny local models and a torchrun launcher (no downloads anywhere)."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -183,3 +184,16 @@ def check_hf_export(root: str, out: str, prompt, new_tokens: int):
         generated = hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     assert torch.equal(generated, megatron_greedy(model, prompt, new_tokens))
     return hf
+
+
+def folder_hash(path):
+    """sha256 of a folder's tree: names and file bytes (a refused resume must leave a checkpoint as it was)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(path)):
+        dirnames.sort()
+        h.update(os.path.relpath(dirpath, path).encode())
+        for name in sorted(filenames):
+            h.update(name.encode())
+            with open(os.path.join(dirpath, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()

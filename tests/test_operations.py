@@ -7,7 +7,6 @@ in-process. A tiny 2-layer teacher on generated text is made once for the module
 baselines run in the background while the tests start their own runs (2 cores: two trainers at a time).
 """
 
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import time
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, folder_hash
 from megatron_hypenet.parallel import PROCESS_GROUP_ENV
 
 PRETRAIN = os.path.join(ROOT, "pretrain_hypenet.py")
@@ -51,18 +50,6 @@ def tracker(save):
         return int(open(os.path.join(save, TRACKER)).read())
     except (OSError, ValueError):
         return None
-
-
-def folder_hash(path):
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in sorted(os.walk(path)):
-        dirnames.sort()
-        h.update(os.path.relpath(dirpath, path).encode())
-        for name in sorted(filenames):
-            h.update(name.encode())
-            with open(os.path.join(dirpath, name), "rb") as f:
-                h.update(f.read())
-    return h.hexdigest()
 
 
 class Run:

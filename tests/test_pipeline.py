@@ -14,8 +14,7 @@ import shutil
 
 import pytest
 
-from helpers import ROOT, torchrun
-from test_operations import folder_hash
+from helpers import ROOT, folder_hash, torchrun
 
 PRETRAIN = os.path.join(ROOT, "pretrain_hypenet.py")
 RECIPE = {"seed": 0, "data": {"generate_corpus": {"num_docs": 200, "seed": 0}},
