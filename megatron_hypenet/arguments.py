@@ -228,8 +228,9 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
                          f"leave --cuda-graph out for this layout")
     if args.optimizer == "muon" and args.cuda_graph and args.compile and not args.train_only_mixers \
             and args.stage != "align":
-        # run 28 (docs/results_run28.md): 'CUDA error: unspecified launch failure' (Xid 43) in 5 of 8 such distill
-        # processes on H100s, after 14 to ~1400 steps, and in none of 5 neighbours one flag away; cause not found
+        # run 28 and its bisect (docs/results_run28.md): 'CUDA error: unspecified launch failure' at random in 9 of 21
+        # such distill processes on H100s, raised by a kernel of torch's Muon step; in none of 7 without one of the
+        # four; cause not found
         parser.error("--optimizer muon with --cuda-graph and --compile, training the weights outside the token mixers, "
                      "crashed on H100s ('CUDA error: unspecified launch failure', docs/results_run28.md): leave out "
                      "--compile or --cuda-graph, pass --train-only-mixers, or use --optimizer adamw")
