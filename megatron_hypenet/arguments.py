@@ -229,8 +229,8 @@ def finalize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argpa
     if args.optimizer == "muon" and args.cuda_graph and args.compile and not args.train_only_mixers \
             and args.stage != "align":
         # run 28 and its bisect (docs/results_run28.md): 'CUDA error: unspecified launch failure' at random in 9 of 21
-        # such distill processes on H100s, raised by a kernel of torch's Muon step; in none of 7 without one of the
-        # four; cause not found
+        # such distill processes on H100s, raised by a kernel of torch's Muon step; in none of 7 that left out Muon
+        # on the MLPs, the graph or compile; cause not found
         parser.error("--optimizer muon with --cuda-graph and --compile, training the weights outside the token mixers, "
                      "crashed on H100s ('CUDA error: unspecified launch failure', docs/results_run28.md): leave out "
                      "--compile or --cuda-graph, pass --train-only-mixers, or use --optimizer adamw")

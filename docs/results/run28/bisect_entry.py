@@ -131,7 +131,8 @@ if "opt_stream" in MODES:  # the optimizer on its own stream (so its own cuBLAS 
     opt.MuonWithAdamW.step = stream_step
 
 if __name__ == "__main__":
-    print("BISECT torch", torch.__version__, torch.version.cuda, hasattr(torch._C, "_cuda_clearCublasWorkspaces"), flush=True)
+    print("BISECT torch", torch.__version__, torch.version.cuda, hasattr(torch._C, "_cuda_clearCublasWorkspaces"),
+          flush=True)
     print(f"BISECT modes {sorted(MODES)}", flush=True)
     import pretrain_hypenet
     pretrain_hypenet.main(sys.argv[1:])

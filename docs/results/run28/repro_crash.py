@@ -82,7 +82,8 @@ def main():
     entry = "pretrain_hypenet.py" if SET == "repro" else "docs/results/run28/bisect_entry.py"
     procs = {}
     for name, (flags, mode, env) in variants.items():
-        cmd = [sys.executable, entry, *common[1:], "--stage", "distill", "--load", f"{W}/align", "--layer-pattern", pattern,
+        cmd = [sys.executable, entry, *common[1:], "--stage", "distill", "--load", f"{W}/align",
+               "--layer-pattern", pattern,
                "--train-iters", str(ITERS), "--lr", "2e-3", "--lr-warmup-iters", "40", "--lr-wsd-decay-fraction", "0.5",
                "--save", f"{W}/{name}", "--save-interval", "100000", *flags]
         procs[name] = subprocess.Popen(cmd, stdout=open(f"{W}/{name}.log", "w"), stderr=subprocess.STDOUT,
