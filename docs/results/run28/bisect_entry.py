@@ -7,7 +7,7 @@ debugging patches named in BISECT_MODE (a comma list), for repro_crash.py's bise
 - clear_ws: every cached cuBLAS workspace dropped once the step is captured;
 - opt_stream: the optimizer step on its own CUDA stream (so its own cuBLAS workspace).
 At step 1 it prints each optimizer gradient that is not laid out like its parameter ('BISECT odd grad')."""
-import argparse, os, sys, time
+import argparse, os, sys
 
 sys.path.insert(0, os.getcwd())
 import torch  # noqa: E402
